@@ -1,0 +1,270 @@
+"""The single source of every knob: dataclasses, YAML presets, dotted CLI overrides.
+
+A preset is a YAML mapping shaped like `Config`; it may name a parent with `inherit:`
+(a path relative to the preset). Overrides are `section.key=value` strings, parsed as
+YAML scalars (`train.lr=3e-4`, `model.residual=preln`, `model.mgt.lam=0.5`).
+Unknown keys and wrong types are errors that name the key and the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+RESIDUALS = ("preln", "postln", "deepnorm", "mhc", "ddl", "mgt")
+
+
+class ConfigError(ValueError):
+    """A preset or override that does not fit the config schema."""
+
+
+@dataclass
+class MGTConfig:
+    """Open knobs of the MGT update (spec section 1); used by `mhc`, `ddl` and `mgt`.
+
+    beta = lam * tanh(X W_beta + b_beta) + eps, so beta lies in [eps - lam, eps + lam].
+    Defaults are provisional until the sweep of the evaluation protocol chooses them.
+    """
+
+    lam: float = 1.0
+    eps: float = 0.0
+    beta_init: float = 0.1  # beta at init: W_beta = 0, b_beta = atanh((beta_init - eps)/lam)
+    alpha_init: float = 0.1
+    alpha_mode: Literal["fixed", "scalar", "channel"] = "scalar"  # fixed = not learned
+    beta_granularity: Literal["channel", "token"] = "channel"  # W_beta: d x d or d x 1
+    controller_input: Literal["x", "ln"] = "x"  # gate/controller read X_l or LN(X_l)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 8000
+    d_model: int = 256
+    n_layers: int = 12
+    n_heads: int = 4
+    d_ff: int = 0  # 0: SwiGLU 8/3*d rounded up to a multiple of 64; GELU 4*d
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    residual: str = "mgt"
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    scale_init_by_depth: bool = True  # output projections std / sqrt(2 * n_layers) (GPT-2)
+    attention_kernel: Literal["auto", "sdpa", "flash"] = "auto"
+    mgt: MGTConfig = field(default_factory=MGTConfig)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":
+            return -(-int(8 * self.d_model / 3) // 64) * 64
+        return 4 * self.d_model
+
+
+@dataclass
+class DataConfig:
+    train_prefix: str = ""  # path prefix of the .bin/.idx training shard
+    valid_prefix: str = ""
+    tokenizer: str = ""  # sentencepiece .model, for decoding samples and meta
+    seq_len: int = 256
+    prepare_default: str = ""  # if set, build the embedded default corpus into this dir first
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_steps: int = 1000
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    device: str = "auto"  # auto: cuda if available, else cpu
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    eval_every: int = 100
+    eval_batches: int = 20
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | none | path to a checkpoint dir
+    run_dir: str = "runs/default"
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+
+
+@dataclass
+class ParallelConfig:
+    engine: Literal["single"] = "single"
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "megatron_mgt"
+    run_name: str = ""
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    batches: int = 50  # held-out batches for perplexity
+    geometry_batch: int = 4  # sequences in the fixed geometry-snapshot batch
+    center: bool = True  # centre token matrices before effective rank
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _nearest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a field annotation; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        allowed = typing.get_args(annotation)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}{_nearest(str(value), map(str, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {value!r} does not match {annotation}")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is type(None) and value is None:
+        return None
+    if isinstance(annotation, type) and (not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {annotation.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(obj: Any, data: dict, where: str) -> None:
+    """Write a nested mapping into a dataclass instance, validating every key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key '{path}'{_nearest(str(key), fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, path)
+        else:
+            setattr(obj, key, _coerce(value, hints[key], path))
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    parent = data.pop("inherit", None)
+    if parent is None:
+        return data
+    base = _read_yaml((path.parent / parent).resolve())
+    return _deep_update(base, data)
+
+
+def _deep_update(base: dict, new: dict) -> dict:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def parse_override(text: str) -> dict:
+    """'a.b.c=value' -> {'a': {'b': {'c': value}}}, value parsed as a YAML scalar."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a type check alone cannot make."""
+    m = cfg.model
+    if m.residual not in RESIDUALS:
+        raise ConfigError(f"model.residual: '{m.residual}' is not one of {list(RESIDUALS)}{_nearest(m.residual, RESIDUALS)}")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be even for RoPE")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    g = m.mgt
+    if g.lam <= 0:
+        raise ConfigError(f"model.mgt.lam={g.lam} must be > 0")
+    if not abs(g.beta_init - g.eps) < g.lam:
+        raise ConfigError(f"model.mgt.beta_init={g.beta_init} must lie strictly inside (eps - lam, eps + lam) = ({g.eps - g.lam}, {g.eps + g.lam})")
+    for name in ("n_layers", "d_model", "n_heads", "vocab_size"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name} must be positive")
+    t = cfg.train
+    for name in ("micro_batch_size", "grad_accum_steps", "max_steps"):
+        if getattr(t, name) <= 0:
+            raise ConfigError(f"train.{name} must be positive")
+
+
+def load_config(preset: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults <- preset YAML (with inheritance) <- dotted overrides, then validated."""
+    cfg = Config()
+    if preset:
+        _merge(cfg, _read_yaml(Path(preset)), "")
+    for text in overrides:
+        _merge(cfg, parse_override(text), "")
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, data, "")
+    validate(cfg)
+    return cfg

@@ -1,0 +1,88 @@
+"""Decoder-only language model: embedding -> L blocks -> final norm -> LM head.
+
+Blocks live in a ModuleDict keyed by layer index, so parameter names stay stable when a
+pipeline engine cuts the stack into stages; forward skips a missing embedding, norm or
+head (a stage holds only its part).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_mgt.config import ModelConfig
+from megatron_mgt.model.block import Block
+from megatron_mgt.model.residual import ResidualRule
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm: nn.Module | None = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.head: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.head.weight, std=cfg.init_std)
+
+    def forward(self, tokens: torch.Tensor, hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """tokens [B, T] (or hidden states [B, T, d] when this stage has no embedding)
+        -> logits [B, T, V] (or hidden states when it has no head). If `hidden` is a
+        list, the residual stream after the embedding and after every block is appended."""
+        x = self.embed(tokens) if self.embed is not None else tokens
+        if hidden is not None:
+            hidden.append(x.detach())
+        for block in self.layers.values():
+            x = block(x)
+            if hidden is not None:
+                hidden.append(x.detach())
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.head is not None:
+            x = self.head(x)
+        return x
+
+    def residual_rules(self) -> Iterator[tuple[str, ResidualRule]]:
+        """(name, rule) for every sublayer, in depth order: 'layers.3.attn', 'layers.3.mlp'."""
+        for i, block in self.layers.items():
+            yield f"layers.{i}.attn", block.attn_residual
+            yield f"layers.{i}.mlp", block.mlp_residual
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats), computed in fp32."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+
+
+@contextlib.contextmanager
+def capturing(model: Transformer) -> Iterator[None]:
+    """Within the block, every residual rule keeps its last beta/alpha/update ratio."""
+    rules = [rule for _, rule in model.residual_rules()]
+    for rule in rules:
+        rule.capture = True
+    try:
+        yield
+    finally:
+        for rule in rules:
+            rule.capture = False
+            rule.captured = {}
+
+
+@torch.no_grad()
+def capture_geometry(model: Transformer, tokens: torch.Tensor) -> dict:
+    """One forward pass on `tokens` that returns what geometry needs:
+    {'hidden': [L+1 tensors B x T x d], 'logits': ..., 'sublayers': {name: {beta, alpha,
+    update_ratio}}} (beta/alpha only for rules that have them)."""
+    hidden: list[torch.Tensor] = []
+    with capturing(model):
+        logits = model(tokens, hidden=hidden)
+        sublayers = {name: dict(rule.captured) for name, rule in model.residual_rules()}
+    return {"hidden": hidden, "logits": logits, "sublayers": sublayers}
