@@ -1,0 +1,124 @@
+"""PNG writers for training and geometry telemetry.
+
+Uses matplotlib's object API on the Agg canvas (no pyplot, no global backend state).
+Every writer takes plain Python/NumPy data and writes its PNG atomically: a temp file in
+the target directory, then os.replace.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_MARKER_MAX_POINTS = 50  # sparse series (e.g. validation) are also drawn with markers
+_MAX_XTICKS = 10
+
+
+def _new_figure(figsize: tuple[float, float] = (7.0, 4.5)) -> Figure:
+    """A Figure attached to an Agg canvas."""
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_atomic(fig: Figure, path: str | os.PathLike) -> None:
+    """Write fig as PNG to path via a temp file in the same directory and os.replace."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def plot_loss_curves(
+    series: Mapping[str, Sequence[tuple[int, float]]],
+    path: str | os.PathLike,
+    title: str,
+    ylabel: str = "loss",
+) -> None:
+    """One labelled line per series (e.g. "train", "valid") of (step, value) points against step."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for name, points in series.items():
+        if not points:
+            continue
+        steps, values = zip(*points)
+        marker = "o" if len(points) <= _MARKER_MAX_POINTS else None
+        ax.plot(steps, values, label=name, marker=marker, markersize=3, linewidth=1.2)
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    _save_atomic(fig, path)
+
+
+def plot_erank_vs_depth(curves: Mapping[str, Sequence[float]], path: str | os.PathLike, title: str) -> None:
+    """Normalised effective rank against layer index, one line per variant or checkpoint; y in [0, 1]."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for name, values in curves.items():
+        ax.plot(range(len(values)), values, label=name, marker="." if len(values) <= _MARKER_MAX_POINTS else None)
+    ax.set(xlabel="layer", ylabel="effective rank / min(T, d)", title=title, ylim=(0.0, 1.02))
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    _save_atomic(fig, path)
+
+
+def plot_beta_by_layer(
+    stats_per_sublayer: Sequence[Mapping[str, float]],
+    path: str | os.PathLike,
+    title: str = "beta per sublayer",
+) -> None:
+    """Per sublayer (beta_stats dicts): mean with q25-q75 and q05-q95 bands; frac_negative on a twin axis."""
+    x = np.arange(len(stats_per_sublayer))
+
+    def col(key: str) -> np.ndarray:
+        return np.array([s[key] for s in stats_per_sublayer], dtype=float)
+
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    ax.fill_between(x, col("q05"), col("q95"), alpha=0.2, color="C0", label="q05-q95")
+    ax.fill_between(x, col("q25"), col("q75"), alpha=0.35, color="C0", label="q25-q75")
+    ax.plot(x, col("mean"), color="C0", label="mean")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set(xlabel="sublayer", ylabel="beta", title=title)
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(x, col("frac_negative"), color="C3", linestyle="--", label="frac_negative")
+    twin.set(ylabel="fraction beta < 0", ylim=(0.0, 1.0))
+    handles, labels = ax.get_legend_handles_labels()
+    twin_handles, twin_labels = twin.get_legend_handles_labels()
+    ax.legend(handles + twin_handles, labels + twin_labels, loc="upper left")
+    _save_atomic(fig, path)
+
+
+def plot_heatmap(
+    matrix: Sequence[Sequence[float]] | np.ndarray,
+    steps: Sequence[int],
+    path: str | os.PathLike,
+    title: str,
+    cbar_label: str,
+) -> None:
+    """Heatmap of matrix[layer, k] (layer 0 at the bottom), column k labelled by steps[k]; NaN cells blank."""
+    data = np.asarray(matrix, dtype=float)
+    if data.ndim != 2 or data.size == 0 or data.shape[1] != len(steps):
+        raise ValueError(f"matrix must be a non-empty [layers, {len(steps)}], got shape {data.shape}")
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", origin="lower", interpolation="nearest")
+    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), _MAX_XTICKS)).round().astype(int))
+    ax.set_xticks(ticks, [str(steps[k]) for k in ticks])
+    ax.set(xlabel="step", ylabel="layer", title=title)
+    fig.colorbar(image, ax=ax, label=cbar_label)
+    _save_atomic(fig, path)
