@@ -114,7 +114,7 @@ class ParallelConfig:
 @dataclass
 class LogConfig:
     every: int = 10
-    wandb: Literal["offline", "online", "disabled"] = "offline"
+    wandb: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online with an API key, else offline
     wandb_project: str = "megatron_mgt"
     run_name: str = ""
     progress: bool = True
@@ -159,6 +159,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         raise ConfigError(f"{where}: {value!r} does not match {annotation}")
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML 1.1 reads '3e-4' as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if annotation is type(None) and value is None:
         return None
     if isinstance(annotation, type) and (not isinstance(value, annotation) or (annotation is int and isinstance(value, bool))):
