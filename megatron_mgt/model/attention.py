@@ -25,10 +25,13 @@ def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device)
     """cos/sin tables [T, head_dim/2] for angles t * theta^(-2i/head_dim).
 
     Built where they are used (each pipeline stage builds its own), cached per shape.
+    Built outside inference mode even when first called inside it: a cached inference
+    tensor would break every later autograd forward.
     """
-    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return angles.cos(), angles.sin()
+    with torch.inference_mode(False):
+        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
