@@ -1,0 +1,138 @@
+"""Deterministic, resumable token batches from a ``.bin/.idx`` shard.
+
+The shard's token stream (documents already end with EOS) is cut into
+non-overlapping windows of ``seq_len + 1`` tokens with stride ``seq_len``;
+window ``w`` covers tokens ``[w * seq_len, w * seq_len + seq_len]``, so inputs
+and targets of neighbouring windows tile the stream exactly once.
+
+Sample ``s`` (a global counter over all ranks) is window ``perm_e[s % W]`` of
+epoch ``e = s // W``, where ``perm_e`` is a permutation drawn from a numpy
+Generator seeded with ``(seed, e)``. A global step takes ``batch_size *
+world_size`` consecutive samples and rank ``r`` keeps the ``r``-th slice of
+``batch_size``. The resume state is just ``consumed_samples``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from megatron_mgt.data.indexed import IndexedDataset
+
+
+def _window_count(dataset: IndexedDataset, seq_len: int) -> int:
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    count = (dataset.num_tokens - 1) // seq_len
+    if count < 1:
+        raise ValueError(
+            f"shard {dataset.path_prefix} has {dataset.num_tokens} tokens, fewer than one window of "
+            f"seq_len + 1 = {seq_len + 1} tokens"
+        )
+    return count
+
+
+def _gather(tokens: np.ndarray, windows: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token windows ``[B, seq_len + 1]`` as int64 (inputs, targets) tensors."""
+    offsets = windows.astype(np.int64)[:, None] * seq_len + np.arange(seq_len + 1, dtype=np.int64)
+    block = torch.from_numpy(np.asarray(tokens[offsets], dtype=np.int64))
+    return block[:, :-1].contiguous(), block[:, 1:].contiguous()
+
+
+class TokenBatchLoader:
+    """Shuffled (or sequential) training batches; see the module docstring for the sample order."""
+
+    def __init__(
+        self,
+        path_prefix: str | os.PathLike,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
+        self.dataset = IndexedDataset(path_prefix)
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.num_windows = _window_count(self.dataset, seq_len)
+        self.consumed_samples = 0
+        self._perm_cache: dict[int, np.ndarray] = {}
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next sample to be drawn."""
+        return self.consumed_samples // self.num_windows
+
+    def state_dict(self) -> dict[str, int]:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if set(state) != {"consumed_samples"}:
+            raise KeyError(f"loader state must have exactly the key 'consumed_samples', got {sorted(state)}")
+        consumed = state["consumed_samples"]
+        if isinstance(consumed, bool) or not isinstance(consumed, int) or consumed < 0:
+            raise ValueError(f"consumed_samples must be a non-negative int, got {consumed!r}")
+        self.consumed_samples = consumed
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm_cache = {epoch: rng.permutation(self.num_windows)}
+        return self._perm_cache[epoch]
+
+    def _windows(self, samples: np.ndarray) -> np.ndarray:
+        if not self.shuffle:
+            return samples % self.num_windows
+        epochs = samples // self.num_windows
+        positions = samples % self.num_windows
+        windows = np.empty_like(samples)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            windows[mask] = self._permutation(int(epoch))[positions[mask]]
+        return windows
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's ``(inputs, targets)``, each int64 ``[batch_size, seq_len]``; advances one global step."""
+        start = self.consumed_samples + self.rank * self.batch_size
+        samples = np.arange(start, start + self.batch_size, dtype=np.int64)
+        batch = _gather(self.dataset.tokens, self._windows(samples), self.seq_len)
+        self.consumed_samples += self.global_batch_size
+        return batch
+
+
+def eval_batches(
+    path_prefix: str | os.PathLike, seq_len: int, batch_size: int, max_batches: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Sequential, unshuffled ``(inputs, targets)`` windows; the last batch may be smaller.
+
+    Arguments and the shard are validated on call, before iteration starts.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if max_batches is not None and max_batches < 0:
+        raise ValueError(f"max_batches must be >= 0 or None, got {max_batches}")
+    dataset = IndexedDataset(path_prefix)
+    num_windows = _window_count(dataset, seq_len)
+    starts = range(0, num_windows, batch_size)
+    if max_batches is not None:
+        starts = starts[:max_batches]
+    return (
+        _gather(dataset.tokens, np.arange(start, min(start + batch_size, num_windows)), seq_len)
+        for start in starts
+    )
