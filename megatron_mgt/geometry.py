@@ -38,7 +38,8 @@ def effective_rank(x: Tensor, center: bool) -> Tensor:
     erank = exp(-sum_i p_i log p_i), p_i = s_i / sum_j s_j over the singular values of X
     (Roy & Vetterli 2007); with center=True, of X - 1 xbar^T. Singular values at or below
     max(T, d) * eps64 * |X|_F (uncentred X) count as zero, so exact rank deficiency,
-    including centring round-off, is honoured. A zero matrix gives 0. Returns [...].
+    including centring round-off, is honoured; rounding already present in a float32 X is
+    measured as (tiny) rank. A zero matrix gives 0. Returns [...].
     """
     _check_tokens(x)
     x64 = _as_f64(x)
