@@ -33,6 +33,7 @@ def _save_atomic(fig: Figure, path: str | os.PathLike) -> None:
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".png")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)  # mkstemp creates 0600
             fig.savefig(f, format="png", dpi=120)
         os.replace(tmp, path)
     except BaseException:

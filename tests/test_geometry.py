@@ -261,6 +261,7 @@ def test_gradient_exponent_orthogonal_stack_uses_jacobian_transpose() -> None:
 
 def _assert_single_png(directory: Path, name: str) -> None:
     assert sorted(p.name for p in directory.iterdir()) == [name]  # no temp file left
+    assert (directory / name).stat().st_mode & 0o777 == 0o644
     data = (directory / name).read_bytes()
     assert len(data) > len(PNG_MAGIC) and data.startswith(PNG_MAGIC)
 
