@@ -19,9 +19,9 @@ stores one sequence per document.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import struct
-import tempfile
 from array import array
 from pathlib import Path
 from types import TracebackType
@@ -90,6 +90,11 @@ def check_tokens_fit(tokens: np.ndarray, dtype: np.dtype) -> None:
         raise ValueError(f"token id {bad} does not fit in dtype {dtype} (range {info.min}..{info.max})")
 
 
+def _temp_path(target: Path) -> Path:
+    """A fresh hidden name next to ``target`` (created with the usual umask permissions)."""
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 class IndexedDatasetWriter:
     """Writes a ``.bin/.idx`` pair atomically.
 
@@ -107,9 +112,8 @@ class IndexedDatasetWriter:
         target = bin_path(self.path_prefix)
         if not target.parent.is_dir():
             raise FileNotFoundError(f"output directory does not exist: {target.parent}")
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        self._bin_tmp = Path(tmp)
-        self._bin = os.fdopen(fd, "wb")
+        self._bin_tmp = _temp_path(target)
+        self._bin = open(self._bin_tmp, "xb")
         self._sizes = array("q")
         self._doc_idx = array("q", [0])
         self._num_tokens = 0
@@ -165,10 +169,9 @@ class IndexedDatasetWriter:
         pointers = np.zeros(sizes.size, dtype=np.int64)
         np.cumsum(sizes[:-1] * self.dtype.itemsize, out=pointers[1:])
         idx_target = idx_path(self.path_prefix)
-        fd, tmp = tempfile.mkstemp(dir=idx_target.parent, prefix=f".{idx_target.name}.", suffix=".tmp")
-        idx_tmp = Path(tmp)
+        idx_tmp = _temp_path(idx_target)
         try:
-            with os.fdopen(fd, "wb") as f:
+            with open(idx_tmp, "xb") as f:
                 f.write(_HEADER.pack(MAGIC, VERSION, self._code, sizes.size, len(self._doc_idx)))
                 f.write(sizes.astype(np.int32).tobytes())
                 f.write(pointers.tobytes())
