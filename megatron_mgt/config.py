@@ -102,6 +102,8 @@ class TrainConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | none | path to a checkpoint dir
+    exit_at_step: int = 0  # >0: checkpoint and exit after this step (schedule still spans max_steps)
+    exit_after_minutes: float = 0.0  # >0: checkpoint and exit once this wall time has passed (job limits)
     run_dir: str = "runs/default"
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
 

@@ -1,0 +1,139 @@
+"""Evaluate a trained run: held-out perplexity, a geometry snapshot, plots.
+
+    mgt-eval RUN_DIR [--checkpoint DIR] [section.key=value ...]
+
+Writes RUN_DIR/eval/{eval.json, loss_curve.png, erank_vs_depth.png, beta_by_layer.png}.
+The geometry snapshot is one forward pass on a fixed batch (the first held-out windows)
+for the trained model and for the same architecture at initialisation (same seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_mgt import geometry, plots
+from megatron_mgt.checkpoint import find_checkpoint
+from megatron_mgt.config import Config, ConfigError, load_config
+from megatron_mgt.data.indexed import IndexedDataset
+from megatron_mgt.data.loader import eval_batches
+from megatron_mgt.metrics import read_metrics
+from megatron_mgt.model import Transformer, capture_geometry, lm_loss
+from megatron_mgt.train import resolve_device
+
+
+def unigram_entropy(path_prefix: str) -> float:
+    """H = -sum_v p_v log p_v (nats/token) of the token frequencies in a shard: the loss of
+    the best context-free predictor, a bar every language model must clear."""
+    data = IndexedDataset(path_prefix)
+    counts = np.zeros(0, dtype=np.int64)
+    for i in range(len(data)):
+        doc_counts = np.bincount(data[i])
+        if len(doc_counts) > len(counts):
+            counts = np.pad(counts, (0, len(doc_counts) - len(counts)))
+        counts[: len(doc_counts)] += doc_counts
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def load_model(cfg: Config, checkpoint: Path, device: torch.device) -> Transformer:
+    model = Transformer(cfg.model).to(device)
+    model.load_state_dict(torch.load(checkpoint / "model.pt", map_location=device, weights_only=True))
+    return model.eval()
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, cfg: Config, device: torch.device) -> dict:
+    losses = [lm_loss(model(x.to(device)), y.to(device)).item() for x, y in eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.eval.batches)]
+    loss = sum(losses) / len(losses)
+    return {"loss": loss, "ppl": math.exp(loss), "batches": len(losses), "tokens": len(losses) * cfg.train.micro_batch_size * cfg.data.seq_len}
+
+
+def geometry_snapshot(model: Transformer, tokens: torch.Tensor, center: bool) -> dict:
+    """Per-layer erank / token cosine / relative residual and per-sublayer beta stats."""
+    captured = capture_geometry(model, tokens)
+    snap = geometry.layer_geometry(captured["hidden"], center)
+    snap["sublayers"] = {}
+    for name, values in captured["sublayers"].items():
+        entry = {"update_ratio": values["update_ratio"].mean().item()}
+        if "beta" in values:
+            entry["beta"] = geometry.beta_stats(values["beta"])
+            entry["erase"] = geometry.erase_strength(values["alpha"], values["beta"])
+        snap["sublayers"][name] = entry
+    return snap
+
+
+def evaluate(cfg: Config, run_dir: Path, checkpoint: Path | None = None) -> dict:
+    device = resolve_device(cfg.train.device)
+    checkpoint = checkpoint or find_checkpoint(run_dir / "checkpoints", "auto")
+    if checkpoint is None:
+        raise FileNotFoundError(f"{run_dir}/checkpoints: no complete checkpoint to evaluate")
+    model = load_model(cfg, checkpoint, device)
+    probe, _ = next(iter(eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.geometry_batch, 1)))
+    probe = probe.to(device)
+    torch.manual_seed(cfg.train.seed)
+    at_init = Transformer(cfg.model).to(device).eval()
+    result = {
+        "checkpoint": str(checkpoint),
+        "residual": cfg.model.residual,
+        "n_layers": cfg.model.n_layers,
+        "valid": perplexity(model, cfg, device),
+        "unigram_entropy_train": unigram_entropy(cfg.data.train_prefix),
+        "geometry": geometry_snapshot(model, probe, cfg.eval.center),
+        "geometry_at_init": geometry_snapshot(at_init, probe, cfg.eval.center),
+    }
+    out = run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".eval.json.tmp"
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out / "eval.json")
+    write_plots(result, run_dir, out)
+    return result
+
+
+def write_plots(result: dict, run_dir: Path, out: Path) -> None:
+    name = f"{result['residual']} L={result['n_layers']}"
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        series = {kind: [(r["step"], r["loss"]) for r in read_metrics(metrics, kind)] for kind in ("train", "valid")}
+        plots.plot_loss_curves(series, out / "loss_curve.png", f"loss, {name}")
+    centred = "centred" if result["geometry"]["centered"] else "uncentred"
+    plots.plot_erank_vs_depth(
+        {"trained": result["geometry"]["erank"], "init": result["geometry_at_init"]["erank"]},
+        out / "erank_vs_depth.png",
+        f"effective rank ({centred}), {name}",
+    )
+    betas = [s["beta"] for s in result["geometry"]["sublayers"].values() if "beta" in s]
+    if betas:
+        plots.plot_beta_by_layer(betas, out / "beta_by_layer.png", f"beta per sublayer (attn, mlp alternating), {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mgt-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--checkpoint", type=Path, default=None)
+    parser.add_argument("overrides", nargs="*", help="section.key=value applied over the run's config.yaml")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.run_dir / "config.yaml", args.overrides)
+        result = evaluate(cfg, args.run_dir, args.checkpoint)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"mgt-eval: error: {err}", file=sys.stderr)
+        return 2
+    valid, h = result["valid"], result["unigram_entropy_train"]
+    erank = result["geometry"]["erank"]
+    print(f"valid loss {valid['loss']:.4f} nats/token (ppl {valid['ppl']:.2f}) over {valid['tokens']} tokens")
+    print(f"unigram entropy of the training tokens {h:.4f} nats/token: the model is {h - valid['loss']:.4f} nats below it")
+    print(f"effective rank ({'centred' if result['geometry']['centered'] else 'uncentred'}): embedding {erank[0]:.3f}, last layer {erank[-1]:.3f}")
+    print(f"wrote {args.run_dir / 'eval'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

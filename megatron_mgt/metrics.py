@@ -1,0 +1,117 @@
+"""Where numbers go: a JSONL file in the run dir, wandb, and a progress bar.
+
+Every record is a flat dict with `kind` ('train', 'valid', 'geometry', 'event') and `step`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from megatron_mgt.config import Config, to_dict
+
+LIBRARIES = ("torch", "numpy", "deepspeed", "sentencepiece", "datasets", "wandb", "flash-attn")
+
+
+def wandb_mode(requested: str) -> str:
+    """'auto' -> 'online' when an API key is configured, else 'offline'."""
+    if requested != "auto":
+        return requested
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read(Path.home() / ".netrc")
+    return "online" if has_key else "offline"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def git_commit() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit + ("-dirty" if dirty else "")) or "unknown"
+
+
+def provenance(device: str) -> dict:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "git_commit": git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "device": device,
+        "cpu_count": os.cpu_count(),
+        "argv": sys.argv,
+        "libraries": versions,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+class MetricsLog:
+    """Appends records to RUN/metrics.jsonl and, if enabled, to wandb."""
+
+    def __init__(self, run_dir: Path, cfg: Config, device: str):
+        self.path = run_dir / "metrics.jsonl"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "provenance.json").write_text(json.dumps(provenance(device), indent=2))
+        self.file = open(self.path, "a")
+        self.wandb = None
+        mode = wandb_mode(cfg.log.wandb)
+        if mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.log.wandb_project,
+                name=cfg.log.run_name or run_dir.name,
+                dir=str(run_dir),
+                mode=mode,
+                config=to_dict(cfg),
+                resume="allow",
+                id=_wandb_id(run_dir),
+            )
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            kind = record.get("kind", "train")
+            self.wandb.log({f"{kind}/{k}": v for k, v in record.items() if k not in ("kind", "step") and isinstance(v, (int, float))}, step=record.get("step"))
+
+    def close(self) -> None:
+        self.file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def _wandb_id(run_dir: Path) -> str:
+    """A stable wandb run id per run dir, so a resumed job continues the same run."""
+    path = run_dir / "wandb_id"
+    if not path.is_file():
+        import uuid
+
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()
+
+
+def read_metrics(path: Path, kind: str | None = None) -> list[dict]:
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in records if kind is None or r.get("kind") == kind]

@@ -1,0 +1,205 @@
+"""The training loop: batches -> engine.train_step -> metrics -> checkpoints.
+
+    mgt-train PRESET.yaml [section.key=value ...]
+
+The loop does not know which engine runs the step. It owns the data position, the
+schedule of evaluation and checkpoints, the stop conditions (max_steps, exit_at_step,
+exit_after_minutes, SIGTERM/SIGUSR1, a non-finite loss) and the metrics.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from megatron_mgt.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from megatron_mgt.config import Config, ConfigError, load_config, to_dict
+from megatron_mgt.data.loader import TokenBatchLoader, eval_batches
+from megatron_mgt.engine import build_engine
+from megatron_mgt.flops import device_peak_flops, flops_per_token, matmul_params
+from megatron_mgt.metrics import MetricsLog
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient norm; the weights were not updated by that step."""
+
+
+@dataclass
+class TrainResult:
+    status: str  # finished | exited | signalled
+    step: int
+    last_loss: float
+    valid_loss: float | None
+    checkpoint: str | None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def check_tokenizer(cfg: Config) -> None:
+    """The tokenizer's vocabulary must fit the model's embedding."""
+    if not cfg.data.tokenizer:
+        return
+    import sentencepiece
+
+    path = Path(cfg.data.tokenizer)
+    if not path.is_file():
+        raise ConfigError(f"data.tokenizer: file not found: {path}")
+    vocab = sentencepiece.SentencePieceProcessor(model_file=str(path)).get_piece_size()
+    if vocab > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer {path} has {vocab} pieces but model.vocab_size={cfg.model.vocab_size}")
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in STOP_SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def evaluate_loss(engine, cfg: Config) -> float:
+    """Mean next-token loss over the first `train.eval_batches` held-out windows."""
+    losses = [engine.eval_loss(x, y) for x, y in eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches)]
+    return sum(losses) / len(losses)
+
+
+def train(cfg: Config) -> TrainResult:
+    t_start = time.monotonic()
+    tc = cfg.train
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    check_tokenizer(cfg)
+    device = resolve_device(tc.device)
+    run_dir = Path(tc.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+
+    engine = build_engine(cfg, device)
+    loader = TokenBatchLoader(cfg.data.train_prefix, cfg.data.seq_len, tc.micro_batch_size, tc.seed)
+    step = 0
+    resume_from = find_checkpoint(ckpt_root, tc.resume)
+    if resume_from is not None:
+        engine.load(resume_from)
+        state = load_trainer_state(resume_from)
+        step = state["step"]
+        loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    log = MetricsLog(run_dir, cfg, str(device))
+    if resume_from is not None:
+        log.log({"kind": "event", "step": step, "event": "resumed", "checkpoint": str(resume_from)})
+    tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * cfg.data.seq_len
+    step_flops = flops_per_token(cfg.model, matmul_params(engine.model), cfg.data.seq_len) * tokens_per_step
+    peak = device_peak_flops(device)
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = loader.next_batch()
+        top = int(max(inputs.max(), targets.max()))
+        if top >= cfg.model.vocab_size:
+            raise ValueError(f"{cfg.data.train_prefix}: token id {top} does not fit model.vocab_size={cfg.model.vocab_size} (was the shard made with another tokenizer?)")
+        return inputs, targets
+
+    def checkpoint() -> str:
+        state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(), "config": to_dict(cfg)}
+        return str(save_checkpoint(ckpt_root, step, engine.save, state, keep=tc.keep_checkpoints))
+
+    status, last_loss, valid_loss, saved = "finished", float("nan"), None, None
+    window_time, window_steps = 0.0, 0
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not cfg.log.progress, dynamic_ncols=True, desc=run_dir.name)
+    try:
+        with StopFlag() as stop:
+            while step < tc.max_steps:
+                t0 = time.perf_counter()
+                out = engine.train_step([next_batch() for _ in range(tc.grad_accum_steps)])
+                window_time += time.perf_counter() - t0
+                window_steps += 1
+                if not (math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])):
+                    log.log({"kind": "event", "step": step + 1, "event": "non_finite", **out})
+                    last_good = find_checkpoint(ckpt_root, "auto")
+                    raise TrainingDiverged(
+                        f"step {step + 1}: loss={out['loss']} grad_norm={out['grad_norm']} is not finite; the step was "
+                        f"not applied. Last good checkpoint: {last_good or 'none'} (resume from it with a lower train.lr "
+                        f"or more warmup)."
+                    )
+                step += 1
+                last_loss = out["loss"]
+                bar.update(1)
+                if step % cfg.log.every == 0 or step == tc.max_steps:
+                    tps = tokens_per_step * window_steps / window_time
+                    record = {"kind": "train", "step": step, "loss": last_loss, "grad_norm": out["grad_norm"], "lr": engine.lr, "tokens_per_s": tps}
+                    if peak:
+                        record["mfu"] = step_flops * window_steps / window_time / peak
+                    log.log(record)
+                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:.0f}", mfu=f"{record.get('mfu', float('nan')):.1%}")
+                    window_time, window_steps = 0.0, 0
+                if cfg.data.valid_prefix and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
+                    valid_loss = evaluate_loss(engine, cfg)
+                    log.log({"kind": "valid", "step": step, "loss": valid_loss, "ppl": math.exp(min(valid_loss, 50.0))})
+                if stop.signum is not None:
+                    status = f"signalled ({signal.Signals(stop.signum).name})"
+                elif tc.exit_at_step and step >= tc.exit_at_step:
+                    status = "exited (train.exit_at_step)"
+                elif tc.exit_after_minutes and time.monotonic() - t_start > 60 * tc.exit_after_minutes:
+                    status = "exited (train.exit_after_minutes)"
+                if status != "finished" or step == tc.max_steps or (tc.save_every and step % tc.save_every == 0):
+                    saved = checkpoint()
+                if status != "finished":
+                    log.log({"kind": "event", "step": step, "event": status, "checkpoint": saved})
+                    break
+    finally:
+        bar.close()
+        log.close()
+    return TrainResult(status=status, step=step, last_loss=last_loss, valid_loss=valid_loss, checkpoint=saved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    preset, overrides = (None, args) if "=" in args[0] else (args[0], args[1:])
+    try:
+        cfg = load_config(preset, overrides)
+        result = train(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"mgt-train: error: {err}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as err:
+        print(f"mgt-train: training diverged: {err}", file=sys.stderr)
+        return 1
+    msg = f"mgt-train: {result.status} at step {result.step}, train loss {result.last_loss:.4f}"
+    if result.valid_loss is not None:
+        msg += f", valid loss {result.valid_loss:.4f} (ppl {math.exp(result.valid_loss):.2f})"
+    print(msg + (f", checkpoint {result.checkpoint}" if result.checkpoint else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+"""The trainer: exact resume, signals, divergence, atomic checkpoints."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from megatron_mgt.checkpoint import find_checkpoint, save_checkpoint
+from megatron_mgt.config import load_config
+from megatron_mgt.metrics import read_metrics
+from megatron_mgt.train import TrainingDiverged, train
+from tests.conftest import tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir / "metrics.jsonl", "train")]
+
+
+@pytest.mark.parametrize("residual", ["mgt", "preln"])
+def test_resume_is_bit_exact(zipf_shards, tmp_path, residual):
+    n = 5
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    common = {"train.max_steps": 2 * n, "train.save_every": 0, "train.grad_accum_steps": 2, "model.residual": residual}
+    train(load_config(None, tiny_overrides(*zipf_shards, straight, **common)))
+    first = train(load_config(None, tiny_overrides(*zipf_shards, split, **common, **{"train.exit_at_step": n})))
+    assert first.status.startswith("exited") and first.step == n
+    second = train(load_config(None, tiny_overrides(*zipf_shards, split, **common)))
+    assert second.status == "finished" and second.step == 2 * n
+
+    assert [s for s, _ in _losses(split)] == list(range(1, 2 * n + 1))
+    assert _losses(straight) == _losses(split)  # bit for bit: floats compared exactly
+    a = torch.load(Path(find_checkpoint(straight / "checkpoints", "auto")) / "model.pt")
+    b = torch.load(Path(find_checkpoint(split / "checkpoints", "auto")) / "model.pt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(zipf_shards, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_overrides(*zipf_shards, run, **{"train.max_steps": 100000, "train.save_every": 0, "train.eval_every": 0})
+    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_mgt.train", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(_losses(run)) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "signalled (SIGTERM)" in out
+    ckpt = find_checkpoint(run / "checkpoints", "auto")
+    assert ckpt is not None
+    steps = [s for s, _ in _losses(run)]
+    assert ckpt.name == f"step_{steps[-1]:08d}"
+    resumed = train(load_config(None, tiny_overrides(*zipf_shards, run, **{"train.max_steps": steps[-1] + 2, "train.eval_every": 0})))
+    assert resumed.step == steps[-1] + 2
+    assert [s for s, _ in _losses(run)] == list(range(1, steps[-1] + 3))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(zipf_shards, tmp_path):
+    run = tmp_path / "run"
+    # An absurd learning rate blows the weights up after the first update.
+    cfg = load_config(None, tiny_overrides(*zipf_shards, run, **{"train.lr": 1e30, "train.warmup_steps": 1, "train.save_every": 1, "train.grad_clip": 0.0}))
+    with pytest.raises(TrainingDiverged, match="not finite"):
+        train(cfg)
+    events = read_metrics(run / "metrics.jsonl", "event")
+    bad_step = events[-1]["step"]
+    assert events[-1]["event"] == "non_finite"
+    last_good = find_checkpoint(run / "checkpoints", "auto")
+    assert last_good is not None and last_good.name == f"step_{bad_step - 1:08d}"
+    state = torch.load(last_good / "model.pt")
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_interrupted_checkpoint_write_keeps_previous(tmp_path):
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, 1, lambda d: (d / "model.pt").write_text("one"), {"step": 1})
+
+    def crash(directory: Path) -> None:
+        (directory / "model.pt").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        save_checkpoint(root, 2, crash, {"step": 2})
+    latest = find_checkpoint(root, "auto")
+    assert latest.name == "step_00000001"
+    assert (latest / "model.pt").read_text() == "one"
+    assert not (root / "step_00000002").exists()
+
+
+def test_keep_prunes_old_checkpoints(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in range(1, 5):
+        save_checkpoint(root, step, lambda d: None, {"step": step}, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000004"]
+
+
+def test_vocab_mismatch_with_data_is_a_clear_error(zipf_shards, tmp_path):
+    cfg = load_config(None, tiny_overrides(*zipf_shards, tmp_path / "run", **{"model.vocab_size": 100}))
+    with pytest.raises(ValueError, match="vocab"):
+        train(cfg)
