@@ -114,6 +114,11 @@ class _Reader:
         if "\x00" in text:
             self.skip("binary", source, "contains NUL bytes (binary data?)")
             return None
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            self.skip("invalid_utf8", source, f"unencodable character at index {err.start}: {err.reason}")
+            return None
         limit = self.options.max_line_chars
         if len(text) > limit:
             longest = max(len(line) for line in text.split("\n"))
