@@ -1,0 +1,236 @@
+"""Training throughput and MFU of every residual variant at one shape, and our `preln`
+against Hugging Face `LlamaForCausalLM` of the same shape, all in one run.
+
+One step = forward + LM loss + backward + torch AdamW step, fp32, on the current device
+(CPU here). Variants are timed round-robin (one step each per repetition, the order
+rotated every repetition) so that machine noise lands on all of them alike; each reports
+the median of its timed steps. The CPU peak for MFU is the best fp32 GEMM rate measured
+at the start and at the end of the same run.
+
+    python bench/bench_model.py                       # 12 x d256, 4 heads, vocab 8000, 8 x 256
+    python bench/bench_model.py --steps 3 --layers 2 --variants preln,mgt --no-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+try:
+    import megatron_mgt  # noqa: F401
+except ImportError:  # run as a script from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from megatron_mgt.config import RESIDUALS, ModelConfig
+from megatron_mgt.flops import flops_per_token, matmul_params, measure_cpu_peak_flops
+from megatron_mgt.model import Transformer, lm_loss
+
+HF_NAME = "hf_llama"
+
+
+def build_ours(shape: ModelConfig, residual: str) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    cfg = ModelConfig(**{**shape.__dict__, "residual": residual})
+    model = Transformer(cfg)
+    return model, model
+
+
+def build_hf_llama(shape: ModelConfig) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """LlamaForCausalLM with our shape: hidden, layers, heads (no GQA), SwiGLU width,
+    vocab, tied embeddings, SDPA attention. (It uses RMSNorm where we use LayerNorm.)"""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.d_model,
+        intermediate_size=shape.ffn_dim,
+        num_hidden_layers=shape.n_layers,
+        num_attention_heads=shape.n_heads,
+        num_key_value_heads=shape.n_heads,
+        max_position_embeddings=shape.max_seq_len,
+        rope_theta=shape.rope_theta,
+        tie_word_embeddings=shape.tie_embeddings,
+        use_cache=False,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config)
+    assert model.config._attn_implementation == "sdpa"
+    return model, lambda tokens: model(input_ids=tokens).logits
+
+
+class Candidate:
+    """A model, its optimizer and one timed training step."""
+
+    def __init__(self, name: str, model: nn.Module, forward: Callable, shape: ModelConfig, seq_len: int):
+        self.name, self.model, self.forward = name, model.train(), forward
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        self.n_params = sum(p.numel() for p in model.parameters())
+        self.n_matmul = matmul_params(model)
+        self.flops_per_token = flops_per_token(shape, self.n_matmul, seq_len)
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        loss = lm_loss(self.forward(inputs), targets)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - t0
+        self.losses.append(loss.item())
+        return elapsed
+
+
+def run(
+    variants: tuple[str, ...] | list[str] = RESIDUALS,
+    layers: int = 12,
+    d_model: int = 256,
+    heads: int = 4,
+    vocab: int = 8000,
+    batch: int = 8,
+    seq_len: int = 256,
+    steps: int = 8,
+    warmup: int = 2,
+    hf: bool = True,
+    peak_seconds: float = 3.0,
+    threads: int = 0,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Time every candidate round-robin; return per-candidate medians, MFU and ratios."""
+    if threads:
+        torch.set_num_threads(threads)
+    unknown = [v for v in variants if v not in RESIDUALS]
+    if unknown:
+        raise ValueError(f"unknown residual variants {unknown}; choose from {list(RESIDUALS)}")
+    shape = ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=layers, n_heads=heads, max_seq_len=seq_len)
+
+    peak_start = measure_cpu_peak_flops(peak_seconds)
+    log(f"fp32 GEMM peak (2048^3, best over {peak_seconds:g} s): {peak_start / 1e9:.1f} GFLOP/s")
+
+    candidates: list[Candidate] = []
+    for name in variants:
+        torch.manual_seed(seed)
+        candidates.append(Candidate(name, *build_ours(shape, name), shape, seq_len))
+    if hf:
+        torch.manual_seed(seed)
+        candidates.append(Candidate(HF_NAME, *build_hf_llama(shape), shape, seq_len))
+
+    gen = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, vocab, (batch, seq_len + 1), generator=gen)
+    inputs, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+
+    for rep in range(warmup + steps):
+        shift = rep % len(candidates)
+        this_rep = {}
+        for cand in candidates[shift:] + candidates[:shift]:
+            this_rep[cand.name] = cand.step(inputs, targets)
+            if rep >= warmup:
+                cand.times.append(this_rep[cand.name])
+        log(f"repetition {rep + 1}/{warmup + steps}{' (warm-up)' if rep < warmup else ''}: "
+            + ", ".join(f"{c.name} {this_rep[c.name]:.2f}s" for c in candidates))
+
+    peak_end = measure_cpu_peak_flops(peak_seconds)
+    peak = max(peak_start, peak_end)
+    log(f"fp32 GEMM peak at the end: {peak_end / 1e9:.1f} GFLOP/s; MFU uses the best, {peak / 1e9:.1f} GFLOP/s")
+
+    tokens_per_step = batch * seq_len
+    results: dict[str, dict] = {}
+    for cand in candidates:
+        median = statistics.median(cand.times)
+        tps = tokens_per_step / median
+        results[cand.name] = {
+            "params": cand.n_params,
+            "matmul_params": cand.n_matmul,
+            "flops_per_token": cand.flops_per_token,
+            "step_s_median": median,
+            "step_s_min": min(cand.times),
+            "step_s_max": max(cand.times),
+            "tokens_per_s": tps,
+            "mfu": tps * cand.flops_per_token / peak,
+            "first_loss": cand.losses[0],
+            "last_loss": cand.losses[-1],
+        }
+        if not all(map(lambda x: x == x and abs(x) != float("inf"), cand.losses)):
+            raise RuntimeError(f"{cand.name}: non-finite loss {cand.losses}")
+
+    ratios = {}
+    if "mgt" in results and "preln" in results:
+        ratios["mgt/preln tokens/s"] = results["mgt"]["tokens_per_s"] / results["preln"]["tokens_per_s"]
+    if HF_NAME in results and "preln" in results:
+        ratios["preln/hf_llama tokens/s"] = results["preln"]["tokens_per_s"] / results[HF_NAME]["tokens_per_s"]
+
+    out = {
+        "shape": {"layers": layers, "d_model": d_model, "heads": heads, "ffn_dim": shape.ffn_dim, "vocab": vocab,
+                  "batch": batch, "seq_len": seq_len, "tied": shape.tie_embeddings},
+        "steps": steps,
+        "warmup": warmup,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "peak_flops": {"start": peak_start, "end": peak_end, "used": peak},
+        "results": results,
+        "ratios": ratios,
+    }
+    log(format_table(out))
+    return out
+
+
+def format_table(out: dict) -> str:
+    s = out["shape"]
+    lines = [
+        f"\n{s['layers']} layers, d={s['d_model']}, {s['heads']} heads, ffn {s['ffn_dim']}, vocab {s['vocab']}, "
+        f"batch {s['batch']} x {s['seq_len']}, fp32, {out['threads']} threads, torch {out['torch']}; "
+        f"median of {out['steps']} steps after {out['warmup']} warm-up",
+        "",
+        "| model | params | matmul params | GFLOP/token | step s (median, min-max) | tokens/s | MFU |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in out["results"].items():
+        lines.append(
+            f"| {name} | {r['params'] / 1e6:.2f}M | {r['matmul_params'] / 1e6:.2f}M | {r['flops_per_token'] / 1e9:.4f} | "
+            f"{r['step_s_median']:.2f} ({r['step_s_min']:.2f}-{r['step_s_max']:.2f}) | {r['tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% |"
+        )
+    lines.append("")
+    lines += [f"{k}: {v:.3f}" for k, v in out["ratios"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--d-model", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--variants", default=",".join(RESIDUALS), help="comma-separated residual variants")
+    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face Llama comparison")
+    parser.add_argument("--peak-seconds", type=float, default=3.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
+    args = parser.parse_args(argv)
+    return run(
+        variants=[v for v in args.variants.split(",") if v],
+        layers=args.layers,
+        d_model=args.d_model,
+        heads=args.heads,
+        vocab=args.vocab,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        warmup=args.warmup,
+        hf=not args.no_hf,
+        peak_seconds=args.peak_seconds,
+        threads=args.threads,
+    )
+
+
+if __name__ == "__main__":
+    main()
