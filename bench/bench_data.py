@@ -1,0 +1,87 @@
+"""Data pipeline throughput: (c) tokenisation tokens/s per worker count, (d) mmap loader tokens/s.
+
+Run with ``python -m bench.bench_data [--out DIR]`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from itertools import chain
+from pathlib import Path
+
+from data_prep.corpora import fetch_shakespeare
+from data_prep.pipeline import prepare_default
+from data_prep.shards import tokenize_to_shards
+from data_prep.sources import iter_documents
+from megatron_mgt.data.loader import TokenBatchLoader
+
+
+def _prep_tokens_per_second(inputs: list[str], model_file: Path, out_dir: Path, workers: int, repeats: int) -> float:
+    """Best-of-``repeats`` tokens/s of reading + tokenising + writing the whole corpus."""
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        items = (("train", doc) for doc in iter_documents(inputs))
+        stats = tokenize_to_shards(items, model_file, {"train": out_dir / f"bench_w{workers}"}, workers=workers)
+        best = max(best, stats["train"].tokens / (time.perf_counter() - start))
+    return best
+
+
+def _loader_tokens_per_second(prefix: Path, seq_len: int, batch_size: int, steps: int) -> float:
+    loader = TokenBatchLoader(prefix, seq_len, batch_size, seed=0)
+    for _ in range(10):
+        loader.next_batch()
+    start = time.perf_counter()
+    for _ in range(steps):
+        loader.next_batch()
+    return steps * batch_size * seq_len / (time.perf_counter() - start)
+
+
+def run(
+    out_dir: str | Path | None = None,
+    workers: Sequence[int] = (1, 2),
+    seq_len: int = 256,
+    batch_size: int = 16,
+    loader_steps: int = 2000,
+    repeats: int = 2,
+) -> dict:
+    """Measure both throughputs on the default corpus; ``out_dir`` holds the prepared data (temp dir if None)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(out_dir) if out_dir is not None else Path(tmp)
+        prepare_default(out)
+        corpus = fetch_shakespeare()
+        inputs = [str(f) for f in chain(corpus.train_files, corpus.valid_files)]
+        prep = {w: _prep_tokens_per_second(inputs, out / "tokenizer.model", out, w, repeats) for w in workers}
+        for w in workers:
+            for ext in ("bin", "idx"):
+                (out / f"bench_w{w}.{ext}").unlink()
+        result = {
+            "prep_tokens_per_s": prep,
+            "prep_speedup_vs_1_worker": {w: prep[w] / prep[workers[0]] for w in workers},
+            "loader_tokens_per_s": _loader_tokens_per_second(out / "train", seq_len, batch_size, loader_steps),
+            "loader_shape": {"seq_len": seq_len, "batch_size": batch_size},
+        }
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", help="directory for the prepared default dataset (reused if present)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--loader-steps", type=int, default=2000)
+    args = parser.parse_args(argv)
+    result = run(args.out, workers=args.workers, loader_steps=args.loader_steps)
+    for w, tps in result["prep_tokens_per_s"].items():
+        print(f"(c) data_prep, {w} worker(s): {tps:,.0f} tokens/s  (x{result['prep_speedup_vs_1_worker'][w]:.2f})")
+    shape = result["loader_shape"]
+    print(f"(d) mmap loader, seq_len {shape['seq_len']} batch {shape['batch_size']}: "
+          f"{result['loader_tokens_per_s']:,.0f} tokens/s")  # fmt: skip
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
