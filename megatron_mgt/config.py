@@ -190,7 +190,10 @@ def _merge(obj: Any, data: dict, where: str) -> None:
             setattr(obj, key, _coerce(value, hints[key], path))
 
 
-def _read_yaml(path: Path) -> dict:
+def _read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in _chain:
+        raise ConfigError(f"inherit cycle: {' -> '.join(map(str, _chain + (path,)))}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -202,7 +205,7 @@ def _read_yaml(path: Path) -> dict:
     parent = data.pop("inherit", None)
     if parent is None:
         return data
-    base = _read_yaml((path.parent / parent).resolve())
+    base = _read_yaml(path.parent / parent, _chain + (path,))
     return _deep_update(base, data)
 
 
