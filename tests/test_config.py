@@ -71,6 +71,15 @@ def test_three_level_inheritance(tmp_path):
     assert (cfg.train.seed, cfg.train.lr, cfg.log.every) == (2, 0.5, 3)
 
 
+def test_inherit_cycle_is_a_config_error(tmp_path):
+    write(tmp_path / "a.yaml", "inherit: b.yaml\n")
+    b = write(tmp_path / "b.yaml", "inherit: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(b)
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(write(tmp_path / "self.yaml", "inherit: self.yaml\n"))
+
+
 def test_missing_parent_is_a_config_error(tmp_path):
     child = write(tmp_path / "child.yaml", "inherit: nowhere.yaml\n")
     with pytest.raises(ConfigError, match="nowhere.yaml"):
