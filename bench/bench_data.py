@@ -78,8 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for w, tps in result["prep_tokens_per_s"].items():
         print(f"(c) data_prep, {w} worker(s): {tps:,.0f} tokens/s  (x{result['prep_speedup_vs_1_worker'][w]:.2f})")
     shape = result["loader_shape"]
-    print(f"(d) mmap loader, seq_len {shape['seq_len']} batch {shape['batch_size']}: "
-          f"{result['loader_tokens_per_s']:,.0f} tokens/s")  # fmt: skip
+    print(f"(d) mmap loader, seq_len {shape['seq_len']} batch {shape['batch_size']}: {result['loader_tokens_per_s']:,.0f} tokens/s")
     print(json.dumps(result))
 
 

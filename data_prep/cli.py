@@ -16,16 +16,24 @@ from data_prep.tokenizer import TokenizerError
 from megatron_mgt.data.indexed import IndexedDatasetError, merge_datasets
 
 _EXPECTED_ERRORS = (
-    CorpusError, DataSourceError, TokenizerError, ShardError, IndexedDatasetError, FileNotFoundError, ValueError,
-)  # fmt: skip
+    CorpusError,
+    DataSourceError,
+    TokenizerError,
+    ShardError,
+    IndexedDatasetError,
+    FileNotFoundError,
+    ValueError,
+)
 
 
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-key", default="text", help="JSONL key / parquet or dataset column with the text")
     parser.add_argument(
-        "--split-mode", choices=("file", "paragraph"), default="file",
+        "--split-mode",
+        choices=("file", "paragraph"),
+        default="file",
         help="text files: one document per file, or per blank-line separated paragraph",
-    )  # fmt: skip
+    )
     parser.add_argument("--max-line-chars", type=int, default=DEFAULT_MAX_LINE_CHARS, help="skip docs with longer lines")
     parser.add_argument("--hf-split", default="train", help="split to use from a saved DatasetDict directory")
     parser.add_argument("--strict", action="store_true", help="fail on bad documents instead of skipping them")
@@ -61,8 +69,7 @@ def _cmd_train_tokenizer(args: argparse.Namespace) -> None:
         num_threads=args.threads,
         max_chars=args.max_chars,
     )
-    print(f"wrote {args.out}.model and {args.out}.json: vocab {meta.vocab_size}, {meta.num_documents} documents, "
-          f"{meta.num_chars:,} chars")  # fmt: skip
+    print(f"wrote {args.out}.model and {args.out}.json: vocab {meta.vocab_size}, {meta.num_documents} documents, {meta.num_chars:,} chars")
     print(report.format())
 
 
@@ -78,8 +85,7 @@ def _cmd_tokenize(args: argparse.Namespace) -> None:
         progress=not args.quiet,
     )
     for split, s in stats.items():
-        print(f"{split}: {s.prefix}.bin/.idx  {s.documents:,} documents, {s.tokens:,} tokens, "
-              f"{s.tokens_per_second:,.0f} tokens/s")  # fmt: skip
+        print(f"{split}: {s.prefix}.bin/.idx  {s.documents:,} documents, {s.tokens:,} tokens, {s.tokens_per_second:,.0f} tokens/s")
     print(report.format())
 
 

@@ -65,9 +65,7 @@ class ShardSummary:
     sample: str | None
 
 
-def inspect_shard(
-    path_prefix: str | os.PathLike, tokenizer_model: str | os.PathLike | None = None, sample_index: int = 0
-) -> ShardSummary:
+def inspect_shard(path_prefix: str | os.PathLike, tokenizer_model: str | os.PathLike | None = None, sample_index: int = 0) -> ShardSummary:
     """Summarise a shard, decoding sequence ``sample_index`` when ``tokenizer_model`` is given."""
     dataset = IndexedDataset(path_prefix)
     if dataset.num_tokens == 0:

@@ -138,14 +138,12 @@ def tokenize_to_shards(
     counts = {split: {"documents": 0, "tokens": 0, "chars": 0} for split in out_prefixes}
     start = time.perf_counter()
     with ExitStack() as stack:
-        writers = {
-            split: stack.enter_context(IndexedDatasetWriter(prefix, dtype)) for split, prefix in out_prefixes.items()
-        }
+        writers = {split: stack.enter_context(IndexedDatasetWriter(prefix, dtype)) for split, prefix in out_prefixes.items()}
         bar = stack.enter_context(tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=not progress))
         for chunk, result in _encoded_chunks(_chunks(items, chunk_chars), model_file, dtype, workers):
             if isinstance(result, _Failure):
                 raise ShardError(f"tokenizing {result.source} failed: {result.message}")
-            for (split, doc), tokens in zip(chunk, result):
+            for (split, doc), tokens in zip(chunk, result, strict=True):
                 if split not in writers:
                     raise ShardError(f"{doc.source}: unknown split {split!r}; expected one of {sorted(writers)}")
                 writers[split].add_document(tokens)
@@ -160,7 +158,4 @@ def tokenize_to_shards(
         for writer in writers.values():
             writer.finalize()
     seconds = time.perf_counter() - start
-    return {
-        split: ShardStats(prefix=os.fspath(out_prefixes[split]), seconds=seconds, **counts[split])
-        for split in out_prefixes
-    }
+    return {split: ShardStats(prefix=os.fspath(out_prefixes[split]), seconds=seconds, **counts[split]) for split in out_prefixes}

@@ -148,9 +148,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
     return resolved
 
 
-def iter_documents(
-    inputs: Sequence[str], options: SourceOptions | None = None, report: SkipReport | None = None
-) -> Iterator[Document]:
+def iter_documents(inputs: Sequence[str], options: SourceOptions | None = None, report: SkipReport | None = None) -> Iterator[Document]:
     """Yield documents from every input in order; skips go to ``report``."""
     options = options or SourceOptions()
     reader = _Reader(options, report if report is not None else SkipReport())
@@ -271,9 +269,7 @@ def _hf_disk(path: str, reader: _Reader) -> Iterator[Document]:
 
     markers = ("dataset_info.json", "state.json", "dataset_dict.json")
     if not any(os.path.isfile(os.path.join(path, m)) for m in markers):
-        raise DataSourceError(
-            f"{path} is a directory but not a dataset saved with save_to_disk; pass files or a glob like {path}/*.txt"
-        )
+        raise DataSourceError(f"{path} is a directory but not a dataset saved with save_to_disk; pass files or a glob like {path}/*.txt")
     dataset = _pick_split(datasets.load_from_disk(path), reader.options.hf_split, path)
     yield from _rows(dataset, path, reader)
 

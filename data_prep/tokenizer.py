@@ -46,9 +46,7 @@ class TokenizerMeta:
     sentencepiece_version: str
 
 
-def _training_sentences(
-    documents: Iterable[str], max_sentence_length: int, max_chars: int | None, counts: dict[str, int]
-) -> Iterator[str]:
+def _training_sentences(documents: Iterable[str], max_sentence_length: int, max_chars: int | None, counts: dict[str, int]) -> Iterator[str]:
     """Non-empty lines of the documents, cut to fit ``max_sentence_length`` bytes."""
     piece_chars = max(1, max_sentence_length // 4)  # a UTF-8 character takes at most 4 bytes
     for doc in documents:

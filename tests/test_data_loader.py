@@ -62,8 +62,8 @@ def test_same_seed_same_batches_other_seed_differs(shard: Path) -> None:
     a = _batches(TokenBatchLoader(shard, SEQ_LEN, 4, seed=7), 5)
     b = _batches(TokenBatchLoader(shard, SEQ_LEN, 4, seed=7), 5)
     c = _batches(TokenBatchLoader(shard, SEQ_LEN, 4, seed=8), 5)
-    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
-    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c))
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, c, strict=True))
 
 
 @pytest.mark.parametrize("k", [1, 30, 31, 40])  # 31 steps * 4 crosses the epoch boundary (125 windows)
@@ -75,7 +75,7 @@ def test_resume_matches_uninterrupted(shard: Path, k: int) -> None:
     assert state == {"consumed_samples": 4 * k}
     resumed = TokenBatchLoader(shard, SEQ_LEN, 4, seed=11)
     resumed.load_state_dict(state)
-    for expected, got in zip(reference[k:], _batches(resumed, 5)):
+    for expected, got in zip(reference[k:], _batches(resumed, 5), strict=True):
         assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
 
 

@@ -82,9 +82,7 @@ def test_missing_path_and_empty_glob_are_errors(tmp_path: Path) -> None:
         ("huge.txt", b"ok line\n" + b"x" * 5000 + b"\n", "huge_line", "5000-character line"),
     ],
 )
-def test_bad_files_are_skipped_or_strict_errors(
-    tmp_path: Path, name: str, content: bytes, reason: str, message: str
-) -> None:
+def test_bad_files_are_skipped_or_strict_errors(tmp_path: Path, name: str, content: bytes, reason: str, message: str) -> None:
     (tmp_path / "good.txt").write_text(REAL_TEXT)
     (tmp_path / name).write_bytes(content)
     inputs = [str(tmp_path / "good.txt"), str(tmp_path / name)]
@@ -113,7 +111,7 @@ def test_jsonl(tmp_path: Path) -> None:
     assert [d.text for d in docs] == ["first doc", "second doc\nwith two lines"]
     assert docs[1].source == f"{path}:7"
     assert report.counts == {"invalid_json": 1, "missing_key": 1, "not_text": 1, "empty": 1, "invalid_utf8": 1}
-    with pytest.raises(DataSourceError, match=rf"d\.jsonl:3: invalid JSON"):
+    with pytest.raises(DataSourceError, match=r"d\.jsonl:3: invalid JSON"):
         _docs([str(path)], text_key="body", strict=True)
 
 
@@ -166,8 +164,10 @@ def test_hugging_face_disk_parquet_and_load_dataset(tmp_path: Path, offline_hf: 
 def test_parse_hf_spec() -> None:
     assert parse_hf_spec("hf:wikitext") == ("wikitext", None, "train")
     assert parse_hf_spec("hf:Salesforce/wikitext:wikitext-2-raw-v1:validation") == (
-        "Salesforce/wikitext", "wikitext-2-raw-v1", "validation",
-    )  # fmt: skip
+        "Salesforce/wikitext",
+        "wikitext-2-raw-v1",
+        "validation",
+    )
     with pytest.raises(DataSourceError, match="expected hf:NAME"):
         parse_hf_spec("hf:a:b:c:d")
 

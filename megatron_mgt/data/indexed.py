@@ -43,6 +43,7 @@ DTYPE_CODES: dict[int, np.dtype] = {
 _CODE_OF_DTYPE = {dtype: code for code, dtype in DTYPE_CODES.items()}
 _HEADER = struct.Struct("<9sQBQQ")
 _COPY_CHUNK_BYTES = 16 << 20
+_MAX_SEQUENCE_TOKENS = np.iinfo(np.int32).max
 
 
 class IndexedDatasetError(ValueError):
@@ -135,6 +136,8 @@ class IndexedDatasetWriter:
             raise ValueError(f"a document must be a 1-D token array, got shape {tokens.shape}")
         if tokens.size == 0:
             raise ValueError("cannot add an empty document")
+        if tokens.size > _MAX_SEQUENCE_TOKENS:
+            raise ValueError(f"a document of {tokens.size} tokens exceeds the index format's int32 limit")
         if self.dtype.kind in "iu" and tokens.dtype.kind not in "iu":
             raise ValueError(f"token ids must be integers for dtype {self.dtype}, got {tokens.dtype}")
         check_tokens_fit(tokens, self.dtype)
@@ -147,9 +150,7 @@ class IndexedDatasetWriter:
         """Append every sequence and document of an existing dataset (same dtype)."""
         self._check_open()
         if dataset.dtype != self.dtype:
-            raise ValueError(
-                f"cannot merge {dataset.path_prefix} (dtype {dataset.dtype}) into {self.path_prefix} (dtype {self.dtype})"
-            )
+            raise ValueError(f"cannot merge {dataset.path_prefix} (dtype {dataset.dtype}) into {self.path_prefix} (dtype {self.dtype})")
         offset = len(self._sizes)
         with open(bin_path(dataset.path_prefix), "rb") as src:
             shutil.copyfileobj(src, self._bin, _COPY_CHUNK_BYTES)
@@ -164,8 +165,6 @@ class IndexedDatasetWriter:
         os.fsync(self._bin.fileno())
         self._bin.close()
         sizes = np.frombuffer(self._sizes, dtype=np.int64)
-        if sizes.size and sizes.max() > np.iinfo(np.int32).max:
-            raise ValueError(f"{self.path_prefix}: a sequence exceeds the int32 size limit of the index format")
         pointers = np.zeros(sizes.size, dtype=np.int64)
         np.cumsum(sizes[:-1] * self.dtype.itemsize, out=pointers[1:])
         idx_target = idx_path(self.path_prefix)
@@ -201,9 +200,7 @@ class IndexedDatasetWriter:
     def __enter__(self) -> IndexedDatasetWriter:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if exc_type is not None:
             self.discard()
         elif not self._closed:
@@ -224,9 +221,7 @@ class IndexedDataset:
         actual = data_file.stat().st_size
         if actual != expected:
             state = "truncated" if actual < expected else "larger than its index"
-            raise IndexedDatasetError(
-                f"{data_file} is {state}: {actual} bytes on disk, index {index_file} describes {expected} bytes"
-            )
+            raise IndexedDatasetError(f"{data_file} is {state}: {actual} bytes on disk, index {index_file} describes {expected} bytes")
         self.num_tokens = expected // self.dtype.itemsize
         if self.num_tokens:
             self.tokens: np.ndarray = np.memmap(data_file, dtype=self.dtype, mode="r")
@@ -250,9 +245,10 @@ class IndexedDataset:
 
 def _read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarray]:
     """Parse and validate an index file; returns (dtype, sizes, pointers, doc_boundaries)."""
-    raw = path.read_bytes()
-    if len(raw) < _HEADER.size:
-        raise IndexedDatasetError(f"{path}: index is truncated ({len(raw)} bytes, header needs {_HEADER.size})")
+    file_size = path.stat().st_size
+    if file_size < _HEADER.size:
+        raise IndexedDatasetError(f"{path}: index is truncated ({file_size} bytes, header needs {_HEADER.size})")
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
     magic, version, code, n_seq, n_doc_idx = _HEADER.unpack_from(raw)
     if magic != MAGIC:
         raise IndexedDatasetError(f"{path}: bad magic {magic!r}, expected {MAGIC!r} (not an MMIDIDX index)")
@@ -261,10 +257,9 @@ def _read_index(path: Path) -> tuple[np.dtype, np.ndarray, np.ndarray, np.ndarra
     if code not in DTYPE_CODES:
         raise IndexedDatasetError(f"{path}: unknown dtype code {code}, known codes {sorted(DTYPE_CODES)}")
     expected = _HEADER.size + 12 * n_seq + 8 * n_doc_idx
-    if len(raw) != expected:
+    if file_size != expected:
         raise IndexedDatasetError(
-            f"{path}: index is {len(raw)} bytes but its header ({n_seq} sequences, {n_doc_idx} document "
-            f"boundaries) requires {expected}"
+            f"{path}: index is {file_size} bytes but its header ({n_seq} sequences, {n_doc_idx} document boundaries) requires {expected}"
         )
     dtype = DTYPE_CODES[code]
     offset = _HEADER.size

@@ -29,8 +29,7 @@ def _window_count(dataset: IndexedDataset, seq_len: int) -> int:
     count = (dataset.num_tokens - 1) // seq_len
     if count < 1:
         raise ValueError(
-            f"shard {dataset.path_prefix} has {dataset.num_tokens} tokens, fewer than one window of "
-            f"seq_len + 1 = {seq_len + 1} tokens"
+            f"shard {dataset.path_prefix} has {dataset.num_tokens} tokens, fewer than one window of seq_len + 1 = {seq_len + 1} tokens"
         )
     return count
 
@@ -132,7 +131,4 @@ def eval_batches(
     starts = range(0, num_windows, batch_size)
     if max_batches is not None:
         starts = starts[:max_batches]
-    return (
-        _gather(dataset.tokens, np.arange(start, min(start + batch_size, num_windows)), seq_len)
-        for start in starts
-    )
+    return (_gather(dataset.tokens, np.arange(start, min(start + batch_size, num_windows)), seq_len) for start in starts)
