@@ -27,15 +27,17 @@ _EXPECTED_ERRORS = (
 
 
 def _add_source_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--text-key", default="text", help="JSONL key / parquet or dataset column with the text")
+    parser.add_argument("--text-key", default="text", help="JSONL key / parquet or dataset column with the text (default %(default)s)")
     parser.add_argument(
         "--split-mode",
         choices=("file", "paragraph"),
         default="file",
-        help="text files: one document per file, or per blank-line separated paragraph",
+        help="text files: one document per file, or per blank-line separated paragraph (default %(default)s)",
     )
-    parser.add_argument("--max-line-chars", type=int, default=DEFAULT_MAX_LINE_CHARS, help="skip docs with longer lines")
-    parser.add_argument("--hf-split", default="train", help="split to use from a saved DatasetDict directory")
+    parser.add_argument(
+        "--max-line-chars", type=int, default=DEFAULT_MAX_LINE_CHARS, help="skip docs with longer lines (default %(default)s)"
+    )
+    parser.add_argument("--hf-split", default="train", help="split to use from a saved DatasetDict directory (default %(default)s)")
     parser.add_argument("--strict", action="store_true", help="fail on bad documents instead of skipping them")
 
 
@@ -123,11 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer")
     p.add_argument("inputs", nargs="+", help="files, globs, .jsonl, .parquet, saved dataset dirs, hf:NAME[:CONFIG[:SPLIT]]")
     p.add_argument("--out", required=True, help="output prefix: writes OUT.model and OUT.json")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
-    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
-    p.add_argument("--no-byte-fallback", action="store_true")
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="tokenizer vocabulary size (default %(default)s)")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe", help="SentencePiece algorithm (default %(default)s)")
+    p.add_argument("--no-byte-fallback", action="store_true", help="map unknown characters to <unk> instead of bytes")
     p.add_argument("--user-symbols", nargs="*", default=[], help="extra special tokens")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1, help="SentencePiece training threads (default %(default)s)")
     p.add_argument("--max-chars", type=int, help="train on roughly the first N characters only")
     _add_source_options(p)
     p.set_defaults(func=_cmd_train_tokenizer)
@@ -137,8 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--valid-inputs", nargs="+", default=[], help="separate validation inputs")
-    p.add_argument("--valid-fraction", type=float, default=0.0, help="hold out this fraction of input documents")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--valid-fraction", type=float, default=0.0, help="hold out this fraction of input documents (default %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_source_options(p)
     p.set_defaults(func=_cmd_tokenize)
@@ -151,14 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="print shard statistics and a decoded sample")
     p.add_argument("prefix", help="shard prefix (without .bin/.idx)")
     p.add_argument("--tokenizer", help="SentencePiece .model used to decode the sample")
-    p.add_argument("--sample", type=int, default=0, help="index of the document to decode")
-    p.add_argument("--sample-chars", type=int, default=1000)
+    p.add_argument("--sample", type=int, default=0, help="index of the document to decode (default %(default)s)")
+    p.add_argument("--sample-chars", type=int, default=1000, help="print at most this many decoded characters (default %(default)s)")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("prepare-default", help="corpus + tokenizer + train/valid shards + meta.json in OUT")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE, help="tokenizer vocabulary size (default %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default %(default)s)")
     p.add_argument("--cache-dir", help="download cache (default $MGT_CACHE or ~/.cache/megatron_mgt)")
     p.add_argument("--force", action="store_true", help="redo every step even if its outputs exist")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

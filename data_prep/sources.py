@@ -28,6 +28,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Any, Literal
 
@@ -149,20 +150,24 @@ def expand_inputs(inputs: Sequence[str]) -> list[str]:
 
 
 def iter_documents(inputs: Sequence[str], options: SourceOptions | None = None, report: SkipReport | None = None) -> Iterator[Document]:
-    """Yield documents from every input in order; skips go to ``report``."""
-    options = options or SourceOptions()
-    reader = _Reader(options, report if report is not None else SkipReport())
-    for spec in expand_inputs(inputs):
-        if spec.startswith("hf:"):
-            yield from _hf_hub(spec, reader)
-        elif os.path.isdir(spec):
-            yield from _hf_disk(spec, reader)
-        elif spec.endswith(".jsonl"):
-            yield from _jsonl(spec, reader)
-        elif spec.endswith(".parquet"):
-            yield from _parquet(spec, reader)
-        else:
-            yield from _text_file(spec, reader)
+    """Documents from every input in order; skips go to ``report``.
+
+    Paths and globs are checked on call, so a missing input fails before any work starts.
+    """
+    reader = _Reader(options or SourceOptions(), report if report is not None else SkipReport())
+    return chain.from_iterable(_read_spec(spec, reader) for spec in expand_inputs(inputs))
+
+
+def _read_spec(spec: str, reader: _Reader) -> Iterator[Document]:
+    if spec.startswith("hf:"):
+        return _hf_hub(spec, reader)
+    if os.path.isdir(spec):
+        return _hf_disk(spec, reader)
+    if spec.endswith(".jsonl"):
+        return _jsonl(spec, reader)
+    if spec.endswith(".parquet"):
+        return _parquet(spec, reader)
+    return _text_file(spec, reader)
 
 
 def _text_file(path: str, reader: _Reader) -> Iterator[Document]:
