@@ -7,7 +7,7 @@
     OUT/valid.bin, OUT/valid.idx              4 held-out works (corpora.VALID_WORKS)
     OUT/meta.json                             sizes, ids, dtype, unigram entropy baselines
 
-It is idempotent: an existing tokenizer is reused (if its vocab size matches)
+The result does not depend on ``workers``. It is idempotent: an existing tokenizer is reused (if its vocab size matches)
 and existing shards are kept unless the tokenizer was just (re)trained.
 """
 
@@ -118,7 +118,7 @@ def prepare_default(
             (doc.text for doc in iter_documents(train_inputs, options)),
             out / TOKENIZER_NAME,
             vocab_size,
-            num_threads=workers,
+            num_threads=1,  # sentencepiece's result depends on its thread count; keep the default dataset reproducible
             source=f"{PACKAGE} train works ({len(train_inputs)})",
         )
         ran.append("tokenizer")

@@ -76,7 +76,10 @@ def train_tokenizer(
     character_coverage: float = 0.9995,
     source: str = "",
 ) -> TokenizerMeta:
-    """Train on ``documents`` (at most about ``max_chars`` characters) and write ``.model`` + ``.json``."""
+    """Train on ``documents`` (at most about ``max_chars`` characters) and write ``.model`` + ``.json``.
+
+    The learned vocabulary depends on ``num_threads``; fix it for reproducible tokenizers.
+    """
     if model_type not in ("bpe", "unigram"):
         raise TokenizerError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
     if vocab_size < 8:
