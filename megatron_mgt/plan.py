@@ -1,0 +1,360 @@
+"""Will a preset fit a cluster? Per pipeline stage: parameters, memory, and the bubble.
+
+    mgt-plan PRESET.yaml [section.key=value ...] [--nodes 2 --gpus-per-node 8 --pp 8 ...]
+
+Nothing here needs a GPU. Parameters are counted exactly by building the model on the
+`meta` device (shapes, no storage); activation memory is measured the same way, from the
+tensors autograd saves for backward during one meta forward of a block (and of the
+head + loss), so a change to the model changes the plan without a formula to update.
+
+Memory model per GPU of stage s (p stages, m micro-batches, dp data-parallel replicas):
+
+- weights      n_s * 2 B (bf16) or 4 B (fp32)
+- gradients    n_s * 4 B (fp32 accumulation, as DeepSpeed's bf16 optimizer keeps them)
+- optimizer    n_s * 12 B / dp: AdamW fp32 master copy + m + v, ZeRO-1 sharded over dp
+- activations  1F1B keeps min(p - s, m) micro-batches in flight on stage s (stage 0: p).
+               Without activation checkpointing each holds every block's saved tensors;
+               with it (every k blocks), each holds the input of every k-th block, plus
+               k blocks' full sets while they are recomputed.
+- reserve      CUDA context, NCCL buffers, allocator fragmentation (default 4 GB)
+
+With tied embeddings, the first and the last stage each hold a copy of the tied matrix
+(DeepSpeed's TiedLayerSpec); the total parameter count counts it once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import sys
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from megatron_mgt.config import Config, ConfigError, load_config
+from megatron_mgt.model import Transformer, lm_loss
+
+GB = 1e9
+ADAM_STATE_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
+GRAD_BYTES = 4
+
+
+@dataclass
+class Cluster:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    gpu_mem_gb: float = 80.0
+    pipeline_stages: int = 1
+    data_parallel: int = 0  # 0: every GPU not used by the pipeline
+    micro_batches: int = 0  # 0: train.grad_accum_steps
+    micro_batch_size: int = 0  # 0: train.micro_batch_size
+    activation_checkpoint_interval: int = 0  # 0: off; k: keep every k-th block input, recompute k blocks
+    flash_attention: bool = True  # no T x T attention matrix kept (flash-attn / fused SDPA)
+    reserve_gb: float = 4.0
+
+    @property
+    def gpus(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass
+class Stage:
+    index: int
+    items: list[str]  # "embed", "layers.0", ..., "head"
+    params: int
+    weights_gb: float
+    grads_gb: float
+    optimizer_gb: float
+    in_flight: int
+    activations_gb: float
+    total_gb: float
+    fits: bool
+
+
+@dataclass
+class Plan:
+    preset: str
+    total_params: int
+    matmul_params: int
+    n_layers: int
+    cluster: Cluster
+    dp: int
+    micro_batches: int
+    micro_batch_size: int
+    seq_len: int
+    param_dtype: str
+    tokens_per_step: int
+    bubble: float
+    partition: str
+    layer_activation_mb: float  # one block, one micro-batch, every saved tensor
+    layer_input_mb: float  # what a checkpointed block keeps
+    stages: list[Stage] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems and all(s.fits for s in self.stages)
+
+
+def pipeline_bubble(stages: int, micro_batches: int) -> float:
+    """Idle share of a plain 1F1B (or GPipe) schedule: (p - 1) / (m + p - 1)."""
+    return (stages - 1) / (micro_batches + stages - 1)
+
+
+def balanced_split(weights: list[float], parts: int) -> list[int]:
+    """Cut `weights` into `parts` contiguous runs, minimising the heaviest run.
+    Returns the `parts + 1` boundaries (0 first, len(weights) last); every run is non-empty."""
+    n = len(weights)
+    if not 1 <= parts <= n:
+        raise ValueError(f"cannot split {n} items into {parts} non-empty parts")
+    prefix = [0.0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    # best[k][i]: smallest possible heaviest run when the first i items form k runs
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0.0
+    for k in range(1, parts + 1):
+        for i in range(k, n - (parts - k) + 1):
+            for j in range(k - 1, i):
+                cost = max(best[k - 1][j], prefix[i] - prefix[j])
+                if cost < best[k][i]:
+                    best[k][i], cut[k][i] = cost, j
+    bounds = [n]
+    for k in range(parts, 0, -1):
+        bounds.append(cut[k][bounds[-1]])
+    return bounds[::-1]
+
+
+def split_items(cfg: Config, counts: list[int], parts: int) -> tuple[list[int], str]:
+    """Stage boundaries over the pipeline items [embed, blocks..., norm, head]. Uses the
+    pipeline engine's own cost model and partition (megatron_mgt.engine.partition) when it
+    is there and the preset asks for `balanced`, so the plan cuts where training cuts;
+    otherwise a balanced split by parameter count (`parameters`) or by block count."""
+    method = getattr(cfg.parallel, "partition_method", "balanced")
+    if method == "balanced":
+        try:
+            from megatron_mgt.engine.partition import layer_costs, partition_balanced
+        except ImportError:
+            pass
+        else:
+            costs = layer_costs(cfg.model, cfg.data.seq_len, getattr(cfg.parallel, "embed_cost", 1.0))
+            if len(costs) == len(counts):
+                return partition_balanced(costs, parts), "megatron_mgt.engine.partition (balanced: training FLOPs per item)"
+    if method == "uniform":
+        weights = [0.0] + [1.0] * (len(counts) - 3) + [0.0, 0.0]
+        return balanced_split(weights, parts), "megatron_mgt.plan.balanced_split (uniform: blocks per stage)"
+    return balanced_split([float(c) for c in counts], parts), "megatron_mgt.plan.balanced_split (by parameter count)"
+
+
+def meta_model(cfg: Config, dtype: torch.dtype) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    return model.to(dtype)
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def saved_bytes(run, seq_len: int, drop_attention_matrix: bool) -> int:
+    """Bytes of the tensors autograd keeps for backward while `run()` executes on meta
+    tensors. Parameters and views of parameters are not activations; several views of one
+    tensor count once (by base); the T x T attention matrix is dropped when a fused kernel
+    (flash-attn) would not keep it."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor):
+        base = t._base if t._base is not None else t
+        if isinstance(base, nn.Parameter):
+            return t
+        if drop_attention_matrix and t.dim() >= 2 and t.shape[-1] == seq_len and t.shape[-2] == seq_len:
+            return t
+        seen.setdefault(id(base), base)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
+    m_cfg = cfg.model
+    p = cluster.pipeline_stages
+    problems: list[str] = []
+    if p < 1:
+        raise ConfigError(f"pipeline stages must be >= 1, got {p}")
+    dp = cluster.data_parallel or max(1, cluster.gpus // p)
+    if p * dp > cluster.gpus:
+        problems.append(f"pp {p} x dp {dp} = {p * dp} GPUs but the cluster has {cluster.gpus}")
+    micro = cluster.micro_batches or cfg.train.grad_accum_steps
+    mbs = cluster.micro_batch_size or cfg.train.micro_batch_size
+    seq = cfg.data.seq_len
+    bf16 = cfg.train.precision in ("bf16", "auto")  # auto means bf16 on a GPU
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    wbytes = 2 if bf16 else 4
+
+    model = meta_model(cfg, dtype)
+    unique = {id(q): q for q in model.parameters()}
+    total = sum(q.numel() for q in unique.values())
+    matmul = sum(mod.weight.numel() for mod in {id(x.weight): x for x in model.modules() if isinstance(x, nn.Linear)}.values())
+
+    # Pipeline items in order, each with the parameters its stage holds.
+    names = ["embed"] + [f"layers.{i}" for i in model.layers] + ["norm", "head"]
+    counts = [model.embed.weight.numel()] + [_own_params(b) for b in model.layers.values()] + [_own_params(model.norm), model.head.weight.numel()]
+    if p > m_cfg.n_layers:
+        raise ConfigError(f"{p} pipeline stages for {m_cfg.n_layers} layers")
+    bounds, partition = split_items(cfg, counts, p)
+
+    # Activations: one block and the head + loss, one micro-batch, measured on meta.
+    drop_tt = cluster.flash_attention
+    block = model.layers["0"]
+    x = torch.empty(mbs, seq, m_cfg.d_model, device="meta", dtype=dtype, requires_grad=True)
+    layer_act = saved_bytes(lambda: block(x), seq, drop_tt)
+    targets = torch.zeros(mbs, seq, device="meta", dtype=torch.long)
+    head_act = saved_bytes(lambda: lm_loss(model.head(model.norm(x)), targets), seq, drop_tt)
+    layer_input = x.numel() * x.element_size()
+
+    stages = []
+    for s in range(p):
+        items = names[bounds[s] : bounds[s + 1]]
+        n_s = sum(counts[bounds[s] : bounds[s + 1]])
+        n_blocks = sum(1 for it in items if it.startswith("layers."))
+        in_flight = min(p - s, micro)
+        k = min(cluster.activation_checkpoint_interval, n_blocks)
+        if k:  # keep the input of every k-th block; recompute k blocks at a time
+            act = in_flight * -(-n_blocks // k) * layer_input + k * layer_act
+        else:
+            act = in_flight * n_blocks * layer_act
+        if "head" in items:
+            act += head_act  # the last stage finishes a micro-batch before it starts the next
+        weights, grads, optim = n_s * wbytes, n_s * GRAD_BYTES, n_s * ADAM_STATE_BYTES / dp
+        total_gb = (weights + grads + optim + act) / GB + cluster.reserve_gb
+        stages.append(
+            Stage(s, items, n_s, weights / GB, grads / GB, optim / GB, in_flight, act / GB, total_gb, total_gb <= cluster.gpu_mem_gb)
+        )
+    return Plan(
+        preset=preset,
+        total_params=total,
+        matmul_params=matmul,
+        n_layers=m_cfg.n_layers,
+        cluster=cluster,
+        dp=dp,
+        micro_batches=micro,
+        micro_batch_size=mbs,
+        seq_len=seq,
+        param_dtype="bf16" if bf16 else "fp32",
+        tokens_per_step=mbs * micro * dp * seq,
+        bubble=pipeline_bubble(p, micro),
+        partition=partition,
+        layer_activation_mb=layer_act / 1e6,
+        layer_input_mb=layer_input / 1e6,
+        stages=stages,
+        problems=problems,
+    )
+
+
+def _item_range(items: list[str]) -> str:
+    layers = [int(it.split(".")[1]) for it in items if it.startswith("layers.")]
+    parts = []
+    if "embed" in items:
+        parts.append("embed")
+    if layers:
+        parts.append(f"L{layers[0]}-{layers[-1]} ({len(layers)})")
+    if "head" in items:
+        parts.append("head")
+    return " + ".join(parts)
+
+
+def format_plan(plan: Plan) -> str:
+    c = plan.cluster
+    lines = [
+        f"preset      {plan.preset or '(defaults)'}: {plan.n_layers} layers, {plan.total_params / 1e9:.3f} B parameters "
+        f"({plan.total_params:,}; matmul {plan.matmul_params:,}), {plan.param_dtype}",
+        f"cluster     {c.nodes} node(s) x {c.gpus_per_node} GPU(s), {c.gpu_mem_gb:g} GB each: pipeline {c.pipeline_stages} x data parallel {plan.dp}",
+        f"batch       {plan.micro_batches} micro-batches x {plan.micro_batch_size} seq x {plan.seq_len} tokens x dp {plan.dp} = {plan.tokens_per_step:,} tokens/step",
+        f"bubble      (p-1)/(m+p-1) = {c.pipeline_stages - 1}/{plan.micro_batches + c.pipeline_stages - 1} = {plan.bubble:.1%}",
+        f"activations per block per micro-batch {plan.layer_activation_mb:.1f} MB (checkpointed: {plan.layer_input_mb:.1f} MB); "
+        f"checkpointing {f'every {c.activation_checkpoint_interval} block(s)' if c.activation_checkpoint_interval else 'off'}, attention matrix {'not kept (flash)' if c.flash_attention else 'kept'}",
+        f"partition   {plan.partition}",
+        "",
+        f"{'stage':>5}  {'holds':<26} {'params':>9} {'weights':>8} {'grads':>7} {'optim':>7} {'in-flight':>9} {'activ.':>8} {'total':>8}  fits",
+        f"{'':>5}  {'':<26} {'(M)':>9} {'(GB)':>8} {'(GB)':>7} {'(GB)':>7} {'':>9} {'(GB)':>8} {'(GB)':>8}",
+    ]
+    for s in plan.stages:
+        lines.append(
+            f"{s.index:>5}  {_item_range(s.items):<26} {s.params / 1e6:>9.1f} {s.weights_gb:>8.2f} {s.grads_gb:>7.2f} {s.optimizer_gb:>7.2f} "
+            f"{s.in_flight:>9} {s.activations_gb:>8.2f} {s.total_gb:>8.2f}  {'yes' if s.fits else 'NO'}"
+        )
+    lines.append("")
+    lines.append(f"(total includes a {c.reserve_gb:g} GB reserve for CUDA context, NCCL buffers and fragmentation)")
+    for problem in plan.problems:
+        lines.append(f"problem: {problem}")
+    worst = max(plan.stages, key=lambda s: s.total_gb)
+    verdict = "FITS" if plan.fits else "DOES NOT FIT"
+    lines.append(f"verdict     {verdict}: the fullest stage ({worst.index}) needs {worst.total_gb:.1f} of {c.gpu_mem_gb:g} GB")
+    if not plan.fits and not c.activation_checkpoint_interval:
+        lines.append("            (try --activation-checkpoint-interval 1, more pipeline stages, or a larger dp for the optimizer shards)")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mgt-plan", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("preset", help="preset YAML (configs/...)")
+    ap.add_argument("overrides", nargs="*", help="section.key=value overrides of the preset")
+    ap.add_argument("--nodes", type=int, default=1)
+    ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--gpu-mem-gb", type=float, default=80.0)
+    ap.add_argument("--pp", type=int, default=0, help="pipeline stages (default: parallel.pipeline_stages of the preset, else 1)")
+    ap.add_argument("--dp", type=int, default=0, help="data-parallel size (default: GPUs / pp)")
+    ap.add_argument("--micro-batches", type=int, default=0, help="micro-batches per step per replica (default: train.grad_accum_steps)")
+    ap.add_argument("--micro-batch-size", type=int, default=0, help="sequences per micro-batch (default: train.micro_batch_size)")
+    ap.add_argument("--activation-checkpoint-interval", type=int, default=None, help="recompute every N blocks, 0 = off (default: parallel.activation_checkpoint_interval)")
+    ap.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True, help="fused attention keeps no T x T matrix")
+    ap.add_argument("--reserve-gb", type=float, default=4.0)
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
+    return ap
+
+
+def _preset_parallel(cfg: Config, name: str, default):
+    """A ParallelConfig field if this version of the config has it."""
+    return getattr(cfg.parallel, name, default)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(args.preset, args.overrides)
+        ckpt = args.activation_checkpoint_interval
+        if ckpt is None:
+            ckpt = int(_preset_parallel(cfg, "activation_checkpoint_interval", 0))
+        cluster = Cluster(
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            gpu_mem_gb=args.gpu_mem_gb,
+            pipeline_stages=args.pp or int(_preset_parallel(cfg, "pipeline_stages", 1) or 1),
+            data_parallel=args.dp,
+            micro_batches=args.micro_batches,
+            micro_batch_size=args.micro_batch_size,
+            activation_checkpoint_interval=ckpt,
+            flash_attention=args.flash_attention,
+            reserve_gb=args.reserve_gb,
+        )
+        plan = build_plan(cfg, cluster, args.preset)
+    except (ConfigError, ValueError) as err:
+        print(f"mgt-plan: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        import json
+
+        print(json.dumps({**asdict(plan), "fits": plan.fits}, indent=1))
+    else:
+        print(format_plan(plan))
+    return 0 if plan.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
