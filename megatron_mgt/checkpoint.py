@@ -1,10 +1,13 @@
 """Atomic checkpoints and `resume=auto`.
 
-Layout: RUN/checkpoints/step_00000100/{model.pt, optimizer.pt, trainer.pt} (the engine
-writes its own files; the trainer writes trainer.pt: step, data position, RNG states,
-config). A checkpoint is written into a hidden temp dir, renamed into place, and only
-then is RUN/checkpoints/latest (one line: the directory name) replaced. A crash at any
-point leaves the previous checkpoint and pointer intact.
+Layout: RUN/checkpoints/step_00000100/{model.pt, optimizer.pt, trainer.pt, rank_00000.pt}
+(the engine writes its own files, docs/ENGINES.md lists them per engine; the trainer writes
+trainer.pt: step, data position, RNG states, config, and every rank writes
+rank_NNNNN.pt: its RNG states and data position). A checkpoint is written into a hidden
+temp dir, renamed into place, and only then is RUN/checkpoints/latest (one line: the
+directory name) replaced. A crash at any point leaves the previous checkpoint and
+pointer intact. With several processes every rank writes into the same temp dir; the
+main rank alone creates, renames and points, with barriers in between.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ import torch
 
 LATEST = "latest"
 TRAINER_STATE = "trainer.pt"
+
+
+def rank_state_name(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
 
 
 def rng_state() -> dict:
@@ -46,26 +53,40 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(root: Path, step: int, write_files: Callable[[Path], None], trainer_state: dict, keep: int = 0) -> Path:
+def save_checkpoint(
+    root: Path,
+    step: int,
+    write_files: Callable[[Path], None],
+    trainer_state: dict,
+    keep: int = 0,
+    is_main: bool = True,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
     """Write a checkpoint for `step` under `root` atomically and point `latest` at it.
 
-    `write_files(dir)` writes the engine's files into the temp dir. `keep > 0` prunes
-    all but the newest `keep` checkpoints after the pointer has moved."""
-    root.mkdir(parents=True, exist_ok=True)
+    `write_files(dir)` writes the engine's files into the temp dir; it runs on every
+    rank (call this function on every rank, with `barrier` the engine's). Only the main
+    rank writes trainer.pt, renames and moves the pointer. `keep > 0` prunes all but the
+    newest `keep` checkpoints after the pointer has moved."""
     name = f"step_{step:08d}"
-    tmp = root / f".{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp, final = root / f".{name}.tmp", root / name
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
     write_files(tmp)
-    torch.save(trainer_state, tmp / TRAINER_STATE)
-    final = root / name
-    if final.exists():
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _write_text_atomic(root / LATEST, name + "\n")
-    if keep > 0:
-        for old in complete_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    if is_main:
+        torch.save(trainer_state, tmp / TRAINER_STATE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_text_atomic(root / LATEST, name + "\n")
+        if keep > 0:
+            for old in complete_checkpoints(root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -95,5 +116,15 @@ def find_checkpoint(root: Path, resume: str) -> Path | None:
     return found[-1] if found else None
 
 
-def load_trainer_state(directory: Path) -> dict:
-    return torch.load(directory / TRAINER_STATE, weights_only=False)
+def load_trainer_state(directory: Path, rank: int = 0, world_size: int = 1) -> dict:
+    """trainer.pt, with `rng` and `loader` replaced by this rank's own (rank_NNNNN.pt)
+    when the checkpoint has one; a checkpoint from another world size (or converted)
+    falls back to the main rank's and says so in `rank_state`."""
+    state = torch.load(directory / TRAINER_STATE, weights_only=False)
+    own = directory / rank_state_name(rank)
+    mine = torch.load(own, weights_only=False) if own.is_file() else None
+    if mine is not None and mine.get("world_size") == world_size:
+        state.update(rng=mine["rng"], loader=mine["loader"], rank_state="own")
+    else:
+        state["rank_state"] = "main"
+    return state

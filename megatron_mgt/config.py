@@ -108,9 +108,24 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
 
 
+ENGINE_NAMES = ("single", "deepspeed_pipe", "deepspeed_zero", "fsdp")
+PARTITION_METHODS = ("balanced", "parameters", "uniform")
+
+
 @dataclass
 class ParallelConfig:
-    engine: Literal["single"] = "single"
+    """How a step is distributed (docs/ENGINES.md). Batch size, accumulation, lr, clipping
+    and precision stay in `train`; engines write them into their own configs."""
+
+    engine: Literal["single", "deepspeed_pipe", "deepspeed_zero", "fsdp"] = "single"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    pipeline_stages: int = 1  # deepspeed_pipe: stages; data parallel = world_size / stages
+    zero_stage: int = 1  # deepspeed_pipe: 0 or 1; deepspeed_zero: 1, 2 or 3
+    deepspeed_config: str = ""  # JSON with DeepSpeed-only options (ZeRO buckets, bf16 extras)
+    activation_checkpoint_interval: int = 0  # deepspeed_pipe: recompute every N layers; 0 = off
+    partition_method: str = "balanced"  # deepspeed_pipe: balanced (cost model) | parameters | uniform
+    embed_cost: float = 1.0  # balanced: cost of the embedding stage item, in blocks (Megatron counts it as one layer)
+    fsdp_reshard_after_forward: bool = True  # fsdp: free gathered params after forward (ZeRO-3-like)
 
 
 @dataclass
@@ -256,6 +271,33 @@ def validate(cfg: Config) -> None:
     for name in ("micro_batch_size", "grad_accum_steps", "max_steps"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive")
+    validate_parallel(cfg)
+
+
+def validate_parallel(cfg: Config) -> None:
+    p = cfg.parallel
+    if p.pipeline_stages < 1:
+        raise ConfigError(f"parallel.pipeline_stages={p.pipeline_stages} must be >= 1")
+    if p.pipeline_stages > 1 and p.engine != "deepspeed_pipe":
+        raise ConfigError(f"parallel.pipeline_stages={p.pipeline_stages} needs parallel.engine=deepspeed_pipe (engine is '{p.engine}')")
+    if not 0 <= p.zero_stage <= 3:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} must be 0, 1, 2 or 3")
+    if p.engine == "deepspeed_pipe" and p.zero_stage >= 2:
+        raise ConfigError(
+            f"parallel.zero_stage={p.zero_stage} with parallel.engine=deepspeed_pipe: DeepSpeed asserts 'ZeRO-2 and ZeRO-3 are "
+            "incompatible with pipeline parallelism' (gradient partitioning conflicts with the pipeline's per-micro-batch "
+            "gradient accumulation). Use zero_stage 0 or 1 with the pipeline, or engine=deepspeed_zero / fsdp without it."
+        )
+    if p.engine == "deepspeed_zero" and p.zero_stage < 1:
+        raise ConfigError("parallel.engine=deepspeed_zero needs parallel.zero_stage 1, 2 or 3")
+    if p.activation_checkpoint_interval < 0:
+        raise ConfigError(f"parallel.activation_checkpoint_interval={p.activation_checkpoint_interval} must be >= 0")
+    if p.partition_method not in PARTITION_METHODS:
+        raise ConfigError(f"parallel.partition_method: '{p.partition_method}' is not one of {list(PARTITION_METHODS)}{_nearest(p.partition_method, PARTITION_METHODS)}")
+    if p.embed_cost < 0:
+        raise ConfigError(f"parallel.embed_cost={p.embed_cost} must be >= 0")
+    if p.deepspeed_config and not p.engine.startswith("deepspeed"):
+        raise ConfigError(f"parallel.deepspeed_config is set but parallel.engine='{p.engine}' is not a DeepSpeed engine")
 
 
 def load_config(preset: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

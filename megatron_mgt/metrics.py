@@ -102,6 +102,16 @@ class MetricsLog:
             self.wandb = None
 
 
+class NullLog:
+    """What ranks other than the main one log to: nothing."""
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def _wandb_id(run_dir: Path) -> str:
     """A stable wandb run id per run dir, so a resumed job continues the same run."""
     path = run_dir / "wandb_id"

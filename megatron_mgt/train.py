@@ -5,11 +5,17 @@
 The loop does not know which engine runs the step. It owns the data position, the
 schedule of evaluation and checkpoints, the stop conditions (max_steps, exit_at_step,
 exit_after_minutes, SIGTERM/SIGUSR1, a non-finite loss) and the metrics.
+
+With several processes (torchrun / deepspeed / srun set RANK, WORLD_SIZE, ...) every rank
+runs this loop: the loader reads its data-parallel slice, stop decisions are agreed by all
+ranks, every rank writes its files into each checkpoint, and only the main rank (global
+rank 0) logs, shows progress and writes metrics, provenance and the `latest` pointer.
 """
 
 from __future__ import annotations
 
 import math
+import resource
 import signal
 import sys
 import time
@@ -20,12 +26,13 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from megatron_mgt.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from megatron_mgt.checkpoint import find_checkpoint, load_trainer_state, rank_state_name, rng_state, save_checkpoint, set_rng_state
 from megatron_mgt.config import Config, ConfigError, load_config, to_dict
 from megatron_mgt.data.loader import TokenBatchLoader, eval_batches
 from megatron_mgt.engine import build_engine
 from megatron_mgt.flops import device_peak_flops, flops_per_token, matmul_params
-from megatron_mgt.metrics import MetricsLog
+from megatron_mgt.metrics import MetricsLog, NullLog
+from megatron_mgt.model import Transformer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -83,9 +90,26 @@ class StopFlag:
             signal.signal(sig, handler)
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process: CUDA max allocated, else peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def model_matmul_params(cfg: Config) -> int:
+    """Matmul weights of the whole model (whatever part this rank holds), from a meta model."""
+    with torch.device("meta"):
+        return matmul_params(Transformer(cfg.model))
+
+
 def evaluate_loss(engine, cfg: Config) -> float:
-    """Mean next-token loss over the first `train.eval_batches` held-out windows."""
-    losses = [engine.eval_loss(x, y) for x, y in eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches)]
+    """Mean next-token loss over the first `train.eval_batches` held-out batches of the
+    global micro-batch size (micro_batch_size x dp_size windows; every rank gets the whole
+    batch, the engine splits it over data-parallel ranks), so any engine at the same
+    global batch evaluates the same windows."""
+    size = cfg.train.micro_batch_size * engine.dp_size
+    losses = [engine.eval_loss(x, y) for x, y in eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, size, cfg.train.eval_batches)]
     return sum(losses) / len(losses)
 
 
@@ -95,29 +119,40 @@ def train(cfg: Config) -> TrainResult:
     if tc.threads:
         torch.set_num_threads(tc.threads)
     check_tokenizer(cfg)
-    device = resolve_device(tc.device)
     run_dir = Path(tc.run_dir)
     ckpt_root = run_dir / "checkpoints"
 
-    engine = build_engine(cfg, device)
-    loader = TokenBatchLoader(cfg.data.train_prefix, cfg.data.seq_len, tc.micro_batch_size, tc.seed)
+    engine = build_engine(cfg, resolve_device(tc.device))
+    try:
+        return _train_loop(cfg, engine, run_dir, ckpt_root, t_start)
+    finally:
+        engine.close()
+
+
+def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: float) -> TrainResult:
+    tc = cfg.train
+    device = engine.device
+    loader = TokenBatchLoader(cfg.data.train_prefix, cfg.data.seq_len, tc.micro_batch_size, tc.seed, rank=engine.dp_rank, world_size=engine.dp_size)
     step = 0
     resume_from = find_checkpoint(ckpt_root, tc.resume)
     if resume_from is not None:
         engine.load(resume_from)
-        state = load_trainer_state(resume_from)
+        state = load_trainer_state(resume_from, engine.rank, engine.world_size)
         step = state["step"]
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if engine.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
-    log = MetricsLog(run_dir, cfg, str(device))
+    log = MetricsLog(run_dir, cfg, str(device)) if engine.is_main else NullLog()
     if resume_from is not None:
-        log.log({"kind": "event", "step": step, "event": "resumed", "checkpoint": str(resume_from)})
-    tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * cfg.data.seq_len
-    step_flops = flops_per_token(cfg.model, matmul_params(engine.model), cfg.data.seq_len) * tokens_per_step
-    peak = device_peak_flops(device)
+        log.log({"kind": "event", "step": step, "event": "resumed", "checkpoint": str(resume_from), "rank_state": state["rank_state"]})
+    tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * cfg.data.seq_len * engine.dp_size  # global
+    step_flops = flops_per_token(cfg.model, model_matmul_params(cfg), cfg.data.seq_len) * tokens_per_step
+    peak = device_peak_flops(device)  # per device; every rank measures at once (CPU: its share)
+    if peak:
+        peak *= engine.world_size  # MFU per device = achieved / (per-device peak x devices)
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = loader.next_batch()
@@ -127,12 +162,18 @@ def train(cfg: Config) -> TrainResult:
         return inputs, targets
 
     def checkpoint() -> str:
-        state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(), "config": to_dict(cfg)}
-        return str(save_checkpoint(ckpt_root, step, engine.save, state, keep=tc.keep_checkpoints))
+        state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(), "config": to_dict(cfg), "world_size": engine.world_size}
+
+        def write_files(directory: Path) -> None:
+            engine.save(directory)
+            own = {"rank": engine.rank, "world_size": engine.world_size, "dp_rank": engine.dp_rank, "rng": rng_state(), "loader": loader.state_dict()}
+            torch.save(own, directory / rank_state_name(engine.rank))
+
+        return str(save_checkpoint(ckpt_root, step, write_files, state, keep=tc.keep_checkpoints, is_main=engine.is_main, barrier=engine.barrier))
 
     status, last_loss, valid_loss, saved = "finished", float("nan"), None, None
     window_time, window_steps = 0.0, 0
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not cfg.log.progress, dynamic_ncols=True, desc=run_dir.name)
+    bar = tqdm(total=tc.max_steps, initial=step, disable=not (cfg.log.progress and engine.is_main), dynamic_ncols=True, desc=run_dir.name)
     try:
         with StopFlag() as stop:
             while step < tc.max_steps:
@@ -156,6 +197,7 @@ def train(cfg: Config) -> TrainResult:
                     record = {"kind": "train", "step": step, "loss": last_loss, "grad_norm": out["grad_norm"], "lr": engine.lr, "tokens_per_s": tps}
                     if peak:
                         record["mfu"] = step_flops * window_steps / window_time / peak
+                    record["peak_mem_gib"] = peak_memory_gib(device)
                     log.log(record)
                     bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:.0f}", mfu=f"{record.get('mfu', float('nan')):.1%}")
                     window_time, window_steps = 0.0, 0
@@ -168,6 +210,8 @@ def train(cfg: Config) -> TrainResult:
                     status = "exited (train.exit_at_step)"
                 elif tc.exit_after_minutes and time.monotonic() - t_start > 60 * tc.exit_after_minutes:
                     status = "exited (train.exit_after_minutes)"
+                if engine.world_size > 1 and engine.any_rank(status != "finished") and status == "finished":
+                    status = "signalled (on another rank)"  # all ranks stop at the same step
                 if status != "finished" or step == tc.max_steps or (tc.save_every and step % tc.save_every == 0):
                     saved = checkpoint()
                 if status != "finished":

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from megatron_mgt.config import Config, TrainConfig
+from megatron_mgt.engine.base import EngineBase
 from megatron_mgt.model import Transformer, lm_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -45,7 +46,7 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     return contextlib.nullcontext()
 
 
-class SingleEngine:
+class SingleEngine(EngineBase):
     """Model + AdamW + warmup-cosine schedule on one device."""
 
     def __init__(self, cfg: Config, device: torch.device):

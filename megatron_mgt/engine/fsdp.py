@@ -1,0 +1,120 @@
+"""FSDP2: `fully_shard` on every block, then on the root (embedding, final norm, head).
+
+Parameters, gradients and optimizer state are sharded over all ranks (ZeRO-3-like; with
+`parallel.fsdp_reshard_after_forward=false` parameters stay gathered between forward and
+backward, ZeRO-2-like). On CUDA with bf16 the MixedPrecisionPolicy computes in bf16 and
+reduces gradients in fp32; on CPU everything is fp32.
+
+Initialisation equals the single engine's: the full model is built from the seed on every
+rank, then sharded. Checkpoints are DCP (torch.distributed.checkpoint) sharded directories:
+CKPT/dcp/ (model + optimizer, one file per rank + metadata) and CKPT/scheduler.pt.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from megatron_mgt.config import Config
+from megatron_mgt.engine.base import EngineBase
+from megatron_mgt.engine.dist import all_mean, dp_slice, init_distributed, shutdown, use_bf16, weighted_mean
+from megatron_mgt.engine.single import Batch, build_optimizer
+from megatron_mgt.model import Transformer, lm_loss
+
+DCP_DIR = "dcp"
+SCHEDULER = "scheduler.pt"
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Total gradient norm over all shards (pre-clip), then clip with it; as torchtitan
+    does: the per-shard norms are DTensors whose full_tensor() is the global norm."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+    return total
+
+
+class FSDPEngine(EngineBase):
+    def __init__(self, cfg: Config, device: torch.device | None = None):
+        self.cfg = cfg
+        env, self.device = init_distributed(cfg)
+        self.rank, self.world_size = env.rank, env.world_size
+        self.dp_rank, self.dp_size = env.rank, env.world_size
+        mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("dp",))
+        self.bf16 = use_bf16(cfg, self.device)
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
+        torch.manual_seed(cfg.train.seed)
+        model = Transformer(cfg.model).to(self.device)
+        reshard = cfg.parallel.fsdp_reshard_after_forward
+        for block in model.layers.values():
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        self.model = model
+        self.optimizer, self.scheduler = build_optimizer(model, cfg.train)
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        n = len(micro_batches)
+        for i, (inputs, targets) in enumerate(micro_batches):
+            self.model.set_requires_gradient_sync(i == n - 1)  # reduce-scatter once per step
+            loss = lm_loss(self.model(inputs.to(self.device)), targets.to(self.device)) / n
+            loss.backward()
+            total += loss.detach()
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        grad_norm = clip_grad_norm([p for p in self.model.parameters() if p.requires_grad], clip)
+        loss_value, norm_value = all_mean(total).item(), grad_norm.item()
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss_value, "grad_norm": norm_value}
+
+    @torch.no_grad()
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """Loss of the global batch; each rank runs its slice (all ranks join every forward)."""
+        self.model.eval()
+        inputs, targets = dp_slice(inputs, targets, self.dp_rank, self.dp_size)
+        logits = self.model(inputs.to(self.device))  # even with no rows: every rank joins the all-gathers
+        loss = lm_loss(logits, targets.to(self.device)) if targets.numel() else torch.zeros((), device=self.device)
+        return weighted_mean(loss, targets.numel())
+
+    def save(self, directory: Path) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(directory / DCP_DIR))
+        if self.is_main:
+            torch.save(self.scheduler.state_dict(), directory / SCHEDULER)
+
+    def load(self, directory: Path) -> None:
+        """A DCP dir with model and optimizer (an engine checkpoint), or with the model
+        only (made by mgt-convert): then the optimizer starts fresh and the schedule is
+        left at its start."""
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        reader = dcp.FileSystemReader(str(directory / DCP_DIR))
+        has_optim = any(k.startswith("optim.") for k in reader.read_metadata().state_dict_metadata)
+        state = {"model": model_state, "optim": optim_state} if has_optim else {"model": model_state}
+        dcp.load(state, checkpoint_id=str(directory / DCP_DIR))
+        if has_optim:
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        else:
+            set_model_state_dict(self.model, state["model"])
+        if (directory / SCHEDULER).is_file():
+            self.scheduler.load_state_dict(torch.load(directory / SCHEDULER, weights_only=True))
+        dist.barrier()
+
+    def close(self) -> None:
+        shutdown()
