@@ -1,0 +1,89 @@
+"""What both DeepSpeed engines share: importing DeepSpeed safely on CPU and building its
+config dict with the project's TrainConfig as the one source of the training knobs.
+
+The JSON named by `parallel.deepspeed_config` (configs/deepspeed/*.json) holds only what the
+YAML presets do not: ZeRO bucket sizes and overlap, bf16 extras, communication dtype,
+activation-checkpointing options, ... The keys the project owns are written here at engine
+build; a JSON that sets one of them (or a ZeRO stage / bf16 switch that disagrees with
+`parallel.zero_stage` / `train.precision`) is a ConfigError naming the YAML key to use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from megatron_mgt.config import Config, ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# DeepSpeed key -> the project key that sets it
+PROJECT_OWNED = {
+    "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x data-parallel size",
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "gradient_clipping": "train.grad_clip",
+    "optimizer": "train.lr / beta1 / beta2 / weight_decay (the engine passes torch AdamW)",
+    "scheduler": "train.warmup_steps / min_lr_ratio / max_steps (the engine passes the warmup-cosine LambdaLR)",
+    "fp16": "train.precision (fp16 is not supported; bf16 or fp32)",
+}
+
+
+def import_deepspeed(device: torch.device):
+    """Import DeepSpeed with the CPU accelerator on CPU and without the shared-memory
+    comm op (its JIT build takes 80-110 s and gloo does not need it)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def resolve_config_path(path: str) -> Path:
+    """Absolute, else relative to the working directory, else to the repository root."""
+    for candidate in (Path(path), Path.cwd() / path, REPO_ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"parallel.deepspeed_config: file not found: {path} (looked in {Path.cwd()} and {REPO_ROOT})")
+
+
+def deepspeed_config(cfg: Config, dp_size: int, bf16: bool) -> dict:
+    """The JSON options, plus batch / accumulation / clipping / ZeRO stage / bf16 from the YAML."""
+    extra: dict = {}
+    source = cfg.parallel.deepspeed_config
+    if source:
+        path = resolve_config_path(source)
+        try:
+            extra = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"parallel.deepspeed_config {path}: not valid JSON: {err}") from err
+    for key, owner in PROJECT_OWNED.items():
+        if key in extra:
+            raise ConfigError(f"parallel.deepspeed_config {source}: '{key}' is set by {owner}; remove it from the JSON")
+    tc = cfg.train
+    zero = dict(extra.pop("zero_optimization", {}))
+    if "stage" in zero and zero["stage"] != cfg.parallel.zero_stage:
+        raise ConfigError(f"parallel.deepspeed_config {source}: zero_optimization.stage={zero['stage']} disagrees with parallel.zero_stage={cfg.parallel.zero_stage}")
+    zero["stage"] = cfg.parallel.zero_stage
+    bf16_section = dict(extra.pop("bf16", {}))
+    if "enabled" in bf16_section and bool(bf16_section["enabled"]) != bf16:
+        raise ConfigError(f"parallel.deepspeed_config {source}: bf16.enabled={bf16_section['enabled']} disagrees with train.precision={tc.precision} on this device")
+    bf16_section["enabled"] = bf16
+    config = {
+        "steps_per_print": 10**9,  # the trainer logs
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        **extra,
+        "train_micro_batch_size_per_gpu": tc.micro_batch_size,
+        "gradient_accumulation_steps": tc.grad_accum_steps,
+        "train_batch_size": tc.micro_batch_size * tc.grad_accum_steps * dp_size,
+        "gradient_clipping": tc.grad_clip if tc.grad_clip > 0 else 0.0,
+        "zero_optimization": zero,
+        "bf16": bf16_section,
+    }
+    return config

@@ -1,0 +1,215 @@
+"""DeepSpeed pipeline parallelism (1F1B) with ZeRO stage 0/1 over the data-parallel replicas.
+
+The model becomes a list of DeepSpeed layer specs, in the order of `Transformer.forward`:
+
+    [embedding, block 0, ..., block L-1, final norm, head]
+
+With tied embeddings the embedding is a `TiedLayerSpec('embed', ...)` that the head uses
+again through `tied_head` (logits = x W_E^T); DeepSpeed keeps a copy on the first and last
+stage and all-reduces its gradient between them. The causal mask and the RoPE tables are
+built inside every block's attention where it runs (cached per shape), so stages send only
+the hidden states [B, T, d]. Stages are cut by `parallel.partition_method`: `balanced`
+(engine/partition.py: blocks, head and embedding priced by training FLOPs), or DeepSpeed's
+`parameters` / `uniform`. `parallel.activation_checkpoint_interval` recomputes every N layers
+(blocks only). Micro-batches per step = train.grad_accum_steps, run by `train_batch`.
+
+Initialisation equals the single engine's for the same seed without building the whole
+model at once: `replay_init` re-runs the construction order of `Transformer.__init__` on
+the CPU generator one module at a time and keeps the tensors of this stage's layers
+(tests/test_engines.py checks the replay against `Transformer`).
+
+Checkpoints are DeepSpeed's: CKPT/layer_NN-model_states.pt per layer (NN = index in the
+list above; the tied head has no file of its own), mp_rank_*_model_states.pt and
+*_optim_states.pt. `mgt-convert` turns them into model.pt and back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatron_mgt.config import Config, ConfigError, ModelConfig
+from megatron_mgt.engine.base import EngineBase
+from megatron_mgt.engine.dist import dp_slice, init_distributed, resolve_backend, shutdown, use_bf16
+from megatron_mgt.engine.ds_common import deepspeed_config, import_deepspeed
+from megatron_mgt.engine.partition import layer_costs, partition_balanced
+from megatron_mgt.engine.single import Batch, build_optimizer
+from megatron_mgt.engine.zero import ds_load, ds_save
+from megatron_mgt.model import lm_loss
+from megatron_mgt.model.block import Block
+
+TIED_KEY = "embed"
+
+
+def tied_head(embedding: nn.Embedding, x: torch.Tensor) -> torch.Tensor:
+    """The LM head of a tied model: the embedding matrix used as the output projection."""
+    return F.linear(x, embedding.weight)
+
+
+def layer_specs(cfg: ModelConfig) -> list:
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    if cfg.tie_embeddings:
+        embed = TiedLayerSpec(TIED_KEY, nn.Embedding, cfg.vocab_size, cfg.d_model, tied_weight_attr=["weight"])
+        head = TiedLayerSpec(TIED_KEY, nn.Embedding, cfg.vocab_size, cfg.d_model, forward_fn=tied_head, tied_weight_attr=["weight"])
+    else:
+        embed = LayerSpec(nn.Embedding, cfg.vocab_size, cfg.d_model)
+        head = LayerSpec(nn.Linear, cfg.d_model, cfg.vocab_size, bias=False)
+    blocks = [LayerSpec(Block, cfg) for _ in range(cfg.n_layers)]
+    return [embed, *blocks, LayerSpec(nn.LayerNorm, cfg.d_model, eps=cfg.norm_eps), head]
+
+
+def single_key(cfg: ModelConfig, layer: int, key: str) -> str:
+    """The single-engine (model.pt) name of parameter `key` of pipeline layer `layer`."""
+    if layer == 0:
+        return f"embed.{key}"
+    if layer <= cfg.n_layers:
+        return f"layers.{layer - 1}.{key}"
+    if layer == cfg.n_layers + 1:
+        return f"norm.{key}"
+    return f"head.{key}"
+
+
+def replay_init(cfg: ModelConfig, seed: int, keep: set[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """State dicts of the pipeline layers in `keep`, exactly as `torch.manual_seed(seed);
+    Transformer(cfg)` would initialise them, building one module at a time on the CPU.
+
+    Mirrors `Transformer.__init__`: nn.Embedding (normal init), the blocks in order, the
+    final LayerNorm, nn.Linear head (kaiming init), then normal_ on the embedding and, when
+    untied, on the head."""
+    n = cfg.n_layers
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        for i in range(n):
+            block = Block(cfg)
+            if i + 1 in keep:
+                out[i + 1] = {k: v.detach().clone() for k, v in block.state_dict().items()}
+            del block
+        norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        nn.init.normal_(embed.weight, std=cfg.init_std)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(head.weight, std=cfg.init_std)
+    if 0 in keep:
+        out[0] = {"weight": embed.weight.detach().clone()}
+    if n + 1 in keep:
+        out[n + 1] = {k: v.detach().clone() for k, v in norm.state_dict().items()}
+    if n + 2 in keep:
+        out[n + 2] = {"weight": (embed.weight if cfg.tie_embeddings else head.weight).detach().clone()}
+    return out
+
+
+def pipeline_module_class(parts: list[int] | None):
+    """PipelineModule that cuts at `parts` (our balanced partition) instead of its own."""
+    from deepspeed.pipe import PipelineModule
+
+    class MGTPipelineModule(PipelineModule):
+        def _partition_layers(self, method="uniform"):
+            if parts is None:
+                return super()._partition_layers(method)
+            self.parts = list(parts)
+            stage_id = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+    return MGTPipelineModule
+
+
+def local_layers(module) -> dict[int, nn.Module]:
+    """Pipeline layer index -> module held by this stage (the tied embedding appears at
+    index 0 and/or L+2; `tied_head` entries are functions over the same module)."""
+    out = {}
+    for offset, func in enumerate(module.forward_funcs):
+        idx = module._local_start + offset
+        target = func.args[0] if hasattr(func, "func") else func
+        if isinstance(target, nn.Module):
+            out[idx] = target
+    return out
+
+
+class PipelineEngine(EngineBase):
+    def __init__(self, cfg: Config, device: torch.device | None = None):
+        self.cfg = cfg
+        env, self.device = init_distributed(cfg)
+        self.rank, self.world_size = env.rank, env.world_size
+        stages = cfg.parallel.pipeline_stages
+        if self.world_size % stages:
+            raise ConfigError(f"parallel.pipeline_stages={stages} does not divide the {self.world_size} processes")
+        n_items = cfg.model.n_layers + 3
+        if stages > n_items:
+            raise ConfigError(f"parallel.pipeline_stages={stages} exceeds the {n_items} pipeline layers")
+        deepspeed = import_deepspeed(self.device)
+        deepspeed.init_distributed(dist_backend=resolve_backend(cfg, self.device))
+        p = cfg.parallel
+        parts = partition_balanced(layer_costs(cfg.model, cfg.data.seq_len, p.embed_cost), stages) if p.partition_method == "balanced" else None
+        module_class = pipeline_module_class(parts)
+        module = module_class(
+            layers=layer_specs(cfg.model),
+            num_stages=stages,
+            loss_fn=lm_loss,
+            partition_method=p.partition_method,
+            activation_checkpoint_interval=p.activation_checkpoint_interval,
+            checkpointable_layers=[Block.__name__],
+            base_seed=cfg.train.seed,
+        )
+        self.parts = list(module.parts)
+        layers = local_layers(module)
+        init = replay_init(cfg.model, cfg.train.seed, set(layers))
+        with torch.no_grad():
+            for idx, layer in layers.items():
+                if idx == cfg.model.n_layers + 2 and cfg.model.tie_embeddings and 0 in layers:
+                    continue  # the same tied module as layer 0
+                layer.load_state_dict(init[idx])
+        module.to(self.device)
+        self.stage_id = module.stage_id
+        self.num_stages = stages
+        self.dp_size = self.world_size // stages
+        self.dp_rank = module._grid.data_parallel_id
+        optimizer, scheduler = build_optimizer(module, cfg.train)
+        config = deepspeed_config(cfg, self.dp_size, use_bf16(cfg, self.device))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        self.model = module
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+        """1F1B over the micro-batches; the loss comes from the last stage, averaged over
+        data-parallel replicas and broadcast to every stage; the grad norm is DeepSpeed's
+        (summed over stages, tied copies counted once), before clipping."""
+        loss = self.engine.train_batch(data_iter=iter(micro_batches))
+        norm = self.engine.get_global_grad_norm()
+        return {"loss": float(loss), "grad_norm": float(norm) if norm is not None else float("nan")}
+
+    @torch.no_grad()
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """One micro-batch through the pipeline (this replica's slice of the global batch);
+        averaged over replicas by DeepSpeed. A batch of another shape than the training
+        micro-batch (the last, short one) is sent with its shape, then the cached receive
+        buffers are dropped so training allocates its own again."""
+        odd = inputs.size(0) != self.cfg.train.micro_batch_size * self.dp_size
+        batch = dp_slice(inputs, targets, self.dp_rank, self.dp_size)
+        e = self.engine
+        if odd:
+            e.dynamic_shape = True
+        try:
+            loss = e.eval_batch(iter([batch]), num_micro_batches=1)
+        finally:
+            if odd:
+                e.dynamic_shape = False
+                e.first_output_send, e.pipe_recv_buf, e.grad_layer = True, None, None
+        return float(loss)
+
+    def save(self, directory: Path) -> None:
+        ds_save(self.engine, directory)
+
+    def load(self, directory: Path) -> None:
+        ds_load(self.engine, directory)
+
+    def close(self) -> None:
+        shutdown()

@@ -1,0 +1,86 @@
+"""DeepSpeed ZeRO-1/2/3 data parallelism without a pipeline.
+
+The full model is built from the seed on every rank (same init as the single engine), then
+handed to `deepspeed.initialize` with a torch AdamW and the warmup-cosine LambdaLR, so no
+DeepSpeed op is JIT-compiled. ZeRO-2 shards gradients and optimizer state, ZeRO-3 also the
+parameters. Checkpoints: DeepSpeed's own files in the step dir (mp_rank_00_model_states.pt,
+*_optim_states.pt per rank); `mgt-convert` consolidates them into model.pt.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from megatron_mgt.config import Config
+from megatron_mgt.engine.base import EngineBase
+from megatron_mgt.engine.dist import all_mean, dp_slice, init_distributed, resolve_backend, shutdown, use_bf16, weighted_mean
+from megatron_mgt.engine.ds_common import deepspeed_config, import_deepspeed
+from megatron_mgt.engine.single import Batch, build_optimizer
+from megatron_mgt.model import Transformer, lm_loss
+
+
+def ds_save(engine, directory: Path) -> None:
+    """DeepSpeed writes into save_dir/tag: the step dir is parent/name."""
+    engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+
+
+def ds_load(engine, directory: Path) -> None:
+    """Full state when the checkpoint has optimizer files, else weights only (converted)."""
+    has_optim = any(directory.glob("*optim_states.pt"))
+    path, _ = engine.load_checkpoint(
+        str(directory.parent), tag=directory.name, load_optimizer_states=has_optim, load_lr_scheduler_states=has_optim, load_module_only=not has_optim
+    )
+    if path is None:
+        raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
+
+
+class ZeroEngine(EngineBase):
+    def __init__(self, cfg: Config, device: torch.device | None = None):
+        self.cfg = cfg
+        env, self.device = init_distributed(cfg)
+        self.rank, self.world_size = env.rank, env.world_size
+        self.dp_rank, self.dp_size = env.rank, env.world_size
+        deepspeed = import_deepspeed(self.device)
+        deepspeed.init_distributed(dist_backend=resolve_backend(cfg, self.device))
+        torch.manual_seed(cfg.train.seed)
+        model = Transformer(cfg.model).to(self.device)
+        optimizer, scheduler = build_optimizer(model, cfg.train)
+        config = deepspeed_config(cfg, self.dp_size, use_bf16(cfg, self.device))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        self.model = self.engine.module
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+        """DeepSpeed scales each micro-batch loss by 1/accumulation, averages gradients over
+        ranks, clips by the global norm and steps at the last micro-batch."""
+        self.engine.train()
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in micro_batches:
+            loss = lm_loss(self.engine(inputs.to(self.device)), targets.to(self.device))
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach()
+        norm = self.engine.get_global_grad_norm()
+        return {"loss": all_mean(total / len(micro_batches)).item(), "grad_norm": float(norm) if norm is not None else float("nan")}
+
+    @torch.no_grad()
+    def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        self.engine.eval()
+        inputs, targets = dp_slice(inputs, targets, self.dp_rank, self.dp_size)
+        logits = self.engine(inputs.to(self.device))  # ZeRO-3: every rank joins the gathers
+        loss = lm_loss(logits, targets.to(self.device)) if targets.numel() else torch.zeros((), device=self.device)
+        return weighted_mean(loss, targets.numel())
+
+    def save(self, directory: Path) -> None:
+        ds_save(self.engine, directory)
+
+    def load(self, directory: Path) -> None:
+        ds_load(self.engine, directory)
+
+    def close(self) -> None:
+        shutdown()
