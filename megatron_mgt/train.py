@@ -48,6 +48,7 @@ class TrainResult:
     last_loss: float
     valid_loss: float | None
     checkpoint: str | None
+    main: bool = True  # global rank 0 (the one that reports)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -220,7 +221,7 @@ def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: fl
     finally:
         bar.close()
         log.close()
-    return TrainResult(status=status, step=step, last_loss=last_loss, valid_loss=valid_loss, checkpoint=saved)
+    return TrainResult(status=status, step=step, last_loss=last_loss, valid_loss=valid_loss, checkpoint=saved, main=engine.is_main)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"mgt-train: training diverged: {err}", file=sys.stderr)
         return 1
+    if not result.main:
+        return 0
     msg = f"mgt-train: {result.status} at step {result.step}, train loss {result.last_loss:.4f}"
     if result.valid_loss is not None:
         msg += f", valid loss {result.valid_loss:.4f} (ppl {math.exp(result.valid_loss):.2f})"

@@ -26,7 +26,7 @@ from torch.distributed.tensor import DTensor
 from megatron_mgt.config import Config
 from megatron_mgt.engine.base import EngineBase
 from megatron_mgt.engine.dist import all_mean, dp_slice, init_distributed, shutdown, use_bf16, weighted_mean
-from megatron_mgt.engine.single import Batch, build_optimizer
+from megatron_mgt.engine.single import Batch, build_optimizer, checkpoint_step, set_schedule_step
 from megatron_mgt.model import Transformer, lm_loss
 
 DCP_DIR = "dcp"
@@ -112,6 +112,7 @@ class FSDPEngine(EngineBase):
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             set_model_state_dict(self.model, state["model"])
+            set_schedule_step(self.scheduler, checkpoint_step(directory))
         if (directory / SCHEDULER).is_file():
             self.scheduler.load_state_dict(torch.load(directory / SCHEDULER, weights_only=True))
         dist.barrier()

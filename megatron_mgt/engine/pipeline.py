@@ -36,7 +36,7 @@ from megatron_mgt.engine.base import EngineBase
 from megatron_mgt.engine.dist import dp_slice, init_distributed, resolve_backend, shutdown, use_bf16
 from megatron_mgt.engine.ds_common import deepspeed_config, import_deepspeed
 from megatron_mgt.engine.partition import layer_costs, partition_balanced
-from megatron_mgt.engine.single import Batch, build_optimizer
+from megatron_mgt.engine.single import Batch, build_optimizer, checkpoint_step, set_schedule_step
 from megatron_mgt.engine.zero import ds_load, ds_save
 from megatron_mgt.model import lm_loss
 from megatron_mgt.model.block import Block
@@ -209,7 +209,19 @@ class PipelineEngine(EngineBase):
         ds_save(self.engine, directory)
 
     def load(self, directory: Path) -> None:
-        ds_load(self.engine, directory)
+        """DeepSpeed's own checkpoint, or weights only (layer files from mgt-convert): then
+        this stage reads its layers, AdamW starts fresh and the schedule is set to the step."""
+        if any(directory.glob("*optim_states.pt")):
+            ds_load(self.engine, directory)
+            return
+        from megatron_mgt.convert import pipe_layer_file
+
+        with torch.no_grad():
+            for idx, layer in local_layers(self.model).items():
+                path = pipe_layer_file(directory, idx if idx <= self.cfg.model.n_layers + 1 or not self.cfg.model.tie_embeddings else 0)
+                layer.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        set_schedule_step(self.scheduler, checkpoint_step(directory))
+        self.barrier()
 
     def close(self) -> None:
         shutdown()

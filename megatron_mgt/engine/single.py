@@ -38,6 +38,21 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> tuple[torch.optim.O
     return opt, sched
 
 
+def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a fresh warmup-cosine schedule at `step` (after loading weights without optimizer state)."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def checkpoint_step(directory: Path) -> int:
+    """The step recorded in a checkpoint's trainer.pt (0 when there is none)."""
+    path = directory / "trainer.pt"
+    return int(torch.load(path, weights_only=False)["step"]) if path.is_file() else 0
+
+
 def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (precision auto or bf16), fp32 otherwise."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -90,7 +105,12 @@ class SingleEngine(EngineBase):
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, directory / "optimizer.pt")
 
     def load(self, directory: Path) -> None:
+        """model.pt and optimizer.pt; a weights-only checkpoint (mgt-convert) starts fresh
+        AdamW moments with the schedule set to the checkpoint's step."""
         self.model.load_state_dict(torch.load(directory / "model.pt", map_location=self.device, weights_only=True))
+        if not (directory / "optimizer.pt").is_file():
+            set_schedule_step(self.scheduler, checkpoint_step(directory))
+            return
         state = torch.load(directory / "optimizer.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

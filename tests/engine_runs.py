@@ -1,0 +1,95 @@
+"""Real multi-process training runs for the engine and conversion tests, launched with
+torchrun (2 processes, gloo, 1 thread each) and cached per session, so tests/test_engines.py
+and tests/test_convert.py share them."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from megatron_mgt.metrics import read_metrics
+from tests.conftest import tiny_overrides, write_zipf_shard
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, SPLIT = 6, 3  # the split runs exit after SPLIT steps and resume to STEPS
+GLOBAL_MICRO = 4  # sequences per micro-batch over all data-parallel ranks
+TIMEOUT = 300
+
+# engine -> overrides; data-parallel engines take GLOBAL_MICRO / 2 sequences per rank
+ENGINES = {
+    "single": {"train.micro_batch_size": GLOBAL_MICRO},
+    "pipe": {"train.micro_batch_size": GLOBAL_MICRO, "parallel.engine": "deepspeed_pipe", "parallel.pipeline_stages": 2, "parallel.deepspeed_config": "configs/deepspeed/pipe_zero1.json"},
+    "fsdp": {"train.micro_batch_size": GLOBAL_MICRO // 2, "parallel.engine": "fsdp"},
+    "zero2": {"train.micro_batch_size": GLOBAL_MICRO // 2, "parallel.engine": "deepspeed_zero", "parallel.zero_stage": 2, "parallel.deepspeed_config": "configs/deepspeed/zero2.json"},
+}
+COMMON = {
+    "train.max_steps": STEPS,
+    "train.grad_accum_steps": 2,
+    "train.save_every": 0,
+    "train.eval_every": SPLIT,
+    "train.threads": 1,
+}
+
+
+@functools.cache
+def root() -> Path:
+    path = Path(tempfile.mkdtemp(prefix="mgt_engines_"))
+    write_zipf_shard(path / "train", n_docs=64, doc_len=300, vocab=256, seed=0)
+    write_zipf_shard(path / "valid", n_docs=8, doc_len=300, vocab=256, seed=1)
+    return path
+
+
+def overrides(engine: str, run_dir: Path, **extra) -> list[str]:
+    r = root()
+    return tiny_overrides(str(r / "train"), str(r / "valid"), run_dir, **{**COMMON, **ENGINES[engine], **extra})
+
+
+def launch(engine: str, args: list[str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
+    """One training run: in-process interpreter for `single`, torchrun with 2 processes
+    otherwise. The launcher gets its own session and the whole group is killed on timeout
+    (killing torchrun alone leaves its workers running)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    if engine == "single":
+        cmd = [sys.executable, "-m", "megatron_mgt.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megatron_mgt.train", *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"{engine} run timed out after {timeout}s:\n{err[-3000:]}") from None
+    if proc.returncode != 0:
+        raise AssertionError(f"{engine} run failed ({proc.returncode}):\n{out[-2000:]}\n{err[-5000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@functools.cache
+def straight(engine: str) -> Path:
+    """STEPS steps in one go; returns the run dir."""
+    run_dir = root() / f"{engine}_straight"
+    launch(engine, overrides(engine, run_dir))
+    return run_dir
+
+
+@functools.cache
+def split(engine: str) -> Path:
+    """SPLIT steps, exit with a checkpoint, resume to STEPS."""
+    run_dir = root() / f"{engine}_split"
+    launch(engine, overrides(engine, run_dir, **{"train.exit_at_step": SPLIT}))
+    launch(engine, overrides(engine, run_dir))
+    return run_dir
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir / "metrics.jsonl", "train")
+
+
+def valid_records(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir / "metrics.jsonl", "valid")
