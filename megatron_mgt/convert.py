@@ -149,6 +149,10 @@ def convert(src: Path, dst: Path, to: str, cfg: Config | None = None) -> Path:
         cfg = from_dict(load_trainer_state(src)["config"])
     state = read_state(src, cfg.model)
     check_state(state, cfg.model)
+    if cfg.model.tie_embeddings:  # one tensor under both names, as Transformer holds it
+        if not torch.equal(state["head.weight"], state["embed.weight"]):
+            raise ValueError(f"{src}: model.tie_embeddings is set but head.weight differs from embed.weight")
+        state["head.weight"] = state["embed.weight"]
     if dst.exists() and any(dst.iterdir()):
         raise FileExistsError(f"{dst}: not empty")
     dst.mkdir(parents=True, exist_ok=True)

@@ -112,6 +112,8 @@ class FSDPEngine(EngineBase):
             set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         else:
             set_model_state_dict(self.model, state["model"])
+            # a fresh optimizer over the parameters as they are now (loading may swap them)
+            self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg.train)
             set_schedule_step(self.scheduler, checkpoint_step(directory))
         if (directory / SCHEDULER).is_file():
             self.scheduler.load_state_dict(torch.load(directory / SCHEDULER, weights_only=True))

@@ -220,6 +220,8 @@ class PipelineEngine(EngineBase):
             for idx, layer in local_layers(self.model).items():
                 path = pipe_layer_file(directory, idx if idx <= self.cfg.model.n_layers + 1 or not self.cfg.model.tie_embeddings else 0)
                 layer.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        if hasattr(self.engine.optimizer, "refresh_fp32_params"):
+            self.engine.optimizer.refresh_fp32_params()  # ZeRO-1 keeps its own fp32 copy of the weights
         set_schedule_step(self.scheduler, checkpoint_step(directory))
         self.barrier()
 

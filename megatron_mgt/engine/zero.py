@@ -17,7 +17,7 @@ from megatron_mgt.config import Config
 from megatron_mgt.engine.base import EngineBase
 from megatron_mgt.engine.dist import all_mean, dp_slice, init_distributed, resolve_backend, shutdown, use_bf16, weighted_mean
 from megatron_mgt.engine.ds_common import deepspeed_config, import_deepspeed
-from megatron_mgt.engine.single import Batch, build_optimizer
+from megatron_mgt.engine.single import Batch, build_optimizer, checkpoint_step, set_schedule_step
 from megatron_mgt.model import Transformer, lm_loss
 
 
@@ -34,6 +34,8 @@ def ds_load(engine, directory: Path) -> None:
     )
     if path is None:
         raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
+    if not has_optim:
+        set_schedule_step(engine.lr_scheduler, checkpoint_step(directory))
 
 
 class ZeroEngine(EngineBase):
