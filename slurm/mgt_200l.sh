@@ -117,6 +117,7 @@ srun --ntasks="$NTASKS" --ntasks-per-node="$TASKS_PER_NODE" --cpus-per-task="$CP
   --kill-on-bad-exit=1 --label \
   bash -c 'export RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS \
                   LOCAL_WORLD_SIZE=$(( SLURM_NTASKS / SLURM_NNODES )) NODE_RANK=$SLURM_NODEID
+           echo "rank $RANK of $WORLD_SIZE (local $LOCAL_RANK) on ${SLURMD_NODENAME:-$(hostname)}"
            exec "$0" -m megatron_mgt.train "$@"' "$PY" "$PRESET" "${OVERRIDES[@]}" &
 SRUN_PID=$!
 

@@ -1,0 +1,214 @@
+"""slurm/mgt_200l.sh on a real Slurm cluster (slurm-local, 2 emulated nodes).
+
+The batch script runs unchanged; only the environment makes it CPU-sized (gloo, width 32,
+a few steps, a synthetic corpus), while the depth stays 200 layers in a 2-stage DeepSpeed
+pipeline with one rank on each node. Proves: the job exits 0, the loss is finite and falls,
+a checkpoint holds both stages, a second job resumes from it, and SIGUSR1 before the time
+limit leads to checkpoint -> `scontrol requeue` -> resume in the same job.
+
+The cluster is started by ../shared/tools/slurm-local/start.sh (beside the repository, as
+in CI) and always stopped afterwards, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_zipf_shard
+
+REPO = Path(__file__).resolve().parents[1]
+SLURM_LOCAL = REPO.parent / "shared" / "tools" / "slurm-local"
+SCRIPT = "slurm/mgt_200l.sh"
+JOB_TIMEOUT = 600  # s per sbatch --wait; a job that cannot be scheduled would wait forever
+
+# The script's allocation (#SBATCH: 2 nodes x 8 tasks x 8 CPUs, 8 GPUs per node) must be
+# satisfiable, so the emulated nodes advertise 64 CPUs and 8 fake GPUs each; the job then
+# starts one rank per node (MGT_TASKS_PER_NODE=1).
+CLUSTER_ENV = {"SLURM_LOCAL_NODES": "2", "SLURM_LOCAL_CPUS": "64", "SLURM_LOCAL_GPUS": "8", "SLURM_LOCAL_MIN_JOB_AGE": "5"}
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (SLURM_LOCAL / "start.sh").is_file(), reason=f"slurm-local tool not found at {SLURM_LOCAL}"),
+]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(request):
+    env = dict(os.environ, **CLUSTER_ENV)
+
+    def stop():
+        subprocess.run(["bash", str(SLURM_LOCAL / "stop.sh")], env=env, capture_output=True, text=True, timeout=120)
+
+    request.addfinalizer(stop)  # registered first: runs even if start.sh fails half-way
+    started = time.monotonic()
+    out = subprocess.run(["bash", str(SLURM_LOCAL / "start.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "slurm ready" in out.stdout, f"slurm-local did not start:\n{out.stdout}\n{out.stderr}"
+    print(f"slurm-local ready in {time.monotonic() - started:.1f} s")
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Synthetic shards in a directory the job's processes can read (same machine)."""
+    root = tmp_path_factory.mktemp("slurm_corpus")
+    write_zipf_shard(root / "train", n_docs=64, doc_len=300, vocab=256, seed=0)
+    write_zipf_shard(root / "valid", n_docs=8, doc_len=300, vocab=256, seed=1)
+    return str(root / "train"), str(root / "valid")
+
+
+def job_env(corpus, work: Path, max_steps: int, **extra: str) -> dict[str, str]:
+    """The environment that turns the 200-layer GPU job into a CPU-sized one."""
+    train, valid = corpus
+    overrides = {
+        "parallel.engine": "deepspeed_pipe",
+        "parallel.pipeline_stages": 2,  # 200 layers: stage 0 on node1, stage 1 on node2
+        "model.d_model": 32,
+        "model.n_heads": 2,
+        "model.vocab_size": 256,
+        "model.max_seq_len": 32,
+        "data.seq_len": 32,
+        "data.train_prefix": train,
+        "data.valid_prefix": valid,
+        "train.device": "cpu",
+        "train.precision": "fp32",
+        "train.micro_batch_size": 2,
+        "train.grad_accum_steps": 4,  # micro-batches through the pipeline per step
+        "train.max_steps": max_steps,
+        "train.warmup_steps": 1,
+        "train.lr": 3e-3,
+        "train.save_every": 3,
+        "train.eval_every": 0,
+        "log.every": 1,
+        "log.wandb": "disabled",
+        "log.progress": False,
+    }
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    return dict(
+        os.environ,
+        MGT_PYTHON=sys.executable,
+        PYTHONPATH=str(REPO),
+        MGT_BACKEND="gloo",
+        DS_ACCELERATOR="cpu",
+        WANDB_MODE="disabled",
+        MGT_TASKS_PER_NODE="1",
+        MGT_CPUS_PER_TASK="1",
+        MGT_RUN_DIR=str(work / "run"),
+        MGT_OVERRIDES=" ".join(f"{k}={v}" for k, v in overrides.items()),
+        SBATCH_OUTPUT=str(work / "logs" / "%x-%j.out"),
+        SBATCH_TIMELIMIT="15",
+        **extra,
+    )
+
+
+def job_log(work: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()[-6000:]}" for p in sorted((work / "logs").glob("*.out")))
+
+
+def sbatch_wait(env: dict[str, str], work: Path) -> tuple[int, float]:
+    started = time.monotonic()
+    out = subprocess.run(
+        ["timeout", str(JOB_TIMEOUT), "sbatch", "--wait", "--parsable", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    elapsed = time.monotonic() - started
+    print(f"sbatch --wait: exit {out.returncode} after {elapsed:.1f} s")
+    assert out.returncode == 0, f"job failed (exit {out.returncode}):\n{out.stdout}\n{out.stderr}\n{job_log(work)}"
+    return int(out.stdout.split(";")[0].split()[-1]), elapsed
+
+
+def records(run: Path, kind: str) -> list[dict]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind") == kind]
+
+
+def assert_checkpoint_has_both_stages(step_dir: Path) -> None:
+    assert (step_dir / "trainer.pt").is_file(), f"no trainer state in {step_dir}"
+    # DeepSpeed pipeline layout: one model-state file per pipeline stage, one file per layer.
+    assert (step_dir / "mp_rank_00_model_states.pt").is_file() and (step_dir / "mp_rank_01_model_states.pt").is_file()
+    assert (step_dir / "layer_00-model_states.pt").is_file()  # embedding (stage 0)
+    assert (step_dir / "layer_200-model_states.pt").is_file()  # block 199 (stage 1)
+
+
+def test_200_layers_two_node_pipeline_trains_checkpoints_and_resumes(slurm_cluster, corpus, tmp_path):
+    run = tmp_path / "run"
+    job1, t1 = sbatch_wait(job_env(corpus, tmp_path, max_steps=6), tmp_path)
+
+    log = job_log(tmp_path)
+    assert "2 node(s) x 1 task(s)" in log
+    assert "rank 0 of 2 (local 0) on node1" in log and "rank 1 of 2 (local 0) on node2" in log, log
+    config = (run / "config.yaml").read_text()
+    assert "n_layers: 200" in config and "pipeline_stages: 2" in config and "engine: deepspeed_pipe" in config
+
+    train = records(run, "train")
+    assert [r["step"] for r in train] == list(range(1, 7))
+    losses = [r["loss"] for r in train]
+    assert all(math.isfinite(x) for x in losses), losses
+    assert losses[-1] < losses[0] - 0.1 and sum(losses[3:]) < sum(losses[:3]), losses
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step_00000006"
+    assert_checkpoint_has_both_stages(run / "checkpoints" / latest)
+
+    # A second job on the same run dir resumes (train.resume=auto) and carries on.
+    job2, t2 = sbatch_wait(job_env(corpus, tmp_path, max_steps=9), tmp_path)
+    assert job2 != job1
+    events = records(run, "event")
+    assert any(e["event"] == "resumed" and e["step"] == 6 and e["checkpoint"].endswith("step_00000006") for e in events), events
+    train = records(run, "train")
+    assert [r["step"] for r in train] == list(range(1, 10))
+    assert all(math.isfinite(r["loss"]) for r in train)
+    assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000009"
+    print(f"job {job1}: 6 steps in {t1:.1f} s; job {job2}: resumed, 3 more steps in {t2:.1f} s")
+
+
+def test_usr1_before_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, corpus, tmp_path):
+    run = tmp_path / "run"
+    env = job_env(corpus, tmp_path, max_steps=12)
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        ["timeout", str(JOB_TIMEOUT), "sbatch", "--wait", "--parsable", SCRIPT],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        job = int(proc.stdout.readline().split(";")[0])
+        deadline = time.monotonic() + JOB_TIMEOUT
+        while time.monotonic() < deadline and not ((run / "metrics.jsonl").is_file() and len(records(run, "train")) >= 2):
+            assert proc.poll() is None, f"job ended before it was signalled:\n{job_log(tmp_path)}"
+            time.sleep(0.5)
+        # What Slurm does 120 s before the limit (--signal=B:USR1@120): signal the batch shell.
+        subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
+        # The requeued job waits for its begin time (Slurm delays a requeue ~2 min): start it now.
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            state = subprocess.run(["scontrol", "show", "job", str(job)], capture_output=True, text=True).stdout
+            if "Restarts=1" in state and "JobState=PENDING" in state:
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+                break
+            assert proc.poll() is None, f"job ended without a requeue:\n{job_log(tmp_path)}"
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"job {job} was not requeued:\n{job_log(tmp_path)}")
+        out, err = proc.communicate(timeout=JOB_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    print(f"signal -> requeue -> finish: {time.monotonic() - started:.1f} s")
+    assert proc.returncode == 0, f"{out}\n{err}\n{job_log(tmp_path)}"
+
+    log = job_log(tmp_path)
+    assert "got SIGUSR1" in log and f"requeueing job {job}" in log, log
+    events = records(run, "event")
+    kinds = [e["event"] for e in events]
+    assert kinds[:2] == ["signalled (SIGUSR1)", "resumed"], events
+    stopped = events[0]["step"]
+    assert events[1]["step"] == stopped and events[1]["checkpoint"] == events[0]["checkpoint"]
+    train = records(run, "train")
+    assert [r["step"] for r in train] == list(range(1, 13))  # no step lost, none repeated
+    assert all(math.isfinite(r["loss"]) for r in train)
+    assert (run / "jobs" / f"{job}.0").is_dir() and (run / "jobs" / f"{job}.1").is_dir()  # one record per restart
