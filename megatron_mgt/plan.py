@@ -25,8 +25,6 @@ With tied embeddings, the first and the last stage each hold a copy of the tied 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import sys
 from dataclasses import asdict, dataclass, field
 
@@ -204,7 +202,11 @@ def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
 
     # Pipeline items in order, each with the parameters its stage holds.
     names = ["embed"] + [f"layers.{i}" for i in model.layers] + ["norm", "head"]
-    counts = [model.embed.weight.numel()] + [_own_params(b) for b in model.layers.values()] + [_own_params(model.norm), model.head.weight.numel()]
+    counts = (
+        [model.embed.weight.numel()]
+        + [_own_params(b) for b in model.layers.values()]
+        + [_own_params(model.norm), model.head.weight.numel()]
+    )
     if p > m_cfg.n_layers:
         raise ConfigError(f"{p} pipeline stages for {m_cfg.n_layers} layers")
     bounds, partition = split_items(cfg, counts, p)
@@ -302,7 +304,9 @@ def format_plan(plan: Plan) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mgt-plan", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="mgt-plan", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("preset", help="preset YAML (configs/...)")
     ap.add_argument("overrides", nargs="*", help="section.key=value overrides of the preset")
     ap.add_argument("--nodes", type=int, default=1)
@@ -312,7 +316,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dp", type=int, default=0, help="data-parallel size (default: GPUs / pp)")
     ap.add_argument("--micro-batches", type=int, default=0, help="micro-batches per step per replica (default: train.grad_accum_steps)")
     ap.add_argument("--micro-batch-size", type=int, default=0, help="sequences per micro-batch (default: train.micro_batch_size)")
-    ap.add_argument("--activation-checkpoint-interval", type=int, default=None, help="recompute every N blocks, 0 = off (default: parallel.activation_checkpoint_interval)")
+    ap.add_argument(
+        "--activation-checkpoint-interval",
+        type=int,
+        default=None,
+        help="recompute every N blocks, 0 = off (default: parallel.activation_checkpoint_interval)",
+    )
     ap.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True, help="fused attention keeps no T x T matrix")
     ap.add_argument("--reserve-gb", type=float, default=4.0)
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
