@@ -120,7 +120,7 @@ class ParallelConfig:
     engine: Literal["single", "deepspeed_pipe", "deepspeed_zero", "fsdp"] = "single"
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     pipeline_stages: int = 1  # deepspeed_pipe: stages; data parallel = world_size / stages
-    zero_stage: int = 1  # deepspeed_pipe: 0 or 1; deepspeed_zero: 1, 2 or 3
+    zero_stage: int = 1  # deepspeed_pipe: 1; deepspeed_zero: 1, 2 or 3
     deepspeed_config: str = ""  # JSON with DeepSpeed-only options (ZeRO buckets, bf16 extras)
     activation_checkpoint_interval: int = 0  # deepspeed_pipe: recompute every N layers; 0 = off
     partition_method: str = "balanced"  # deepspeed_pipe: balanced (cost model) | parameters | uniform
@@ -286,8 +286,10 @@ def validate_parallel(cfg: Config) -> None:
         raise ConfigError(
             f"parallel.zero_stage={p.zero_stage} with parallel.engine=deepspeed_pipe: DeepSpeed asserts 'ZeRO-2 and ZeRO-3 are "
             "incompatible with pipeline parallelism' (gradient partitioning conflicts with the pipeline's per-micro-batch "
-            "gradient accumulation). Use zero_stage 0 or 1 with the pipeline, or engine=deepspeed_zero / fsdp without it."
+            "gradient accumulation). Use zero_stage 1 with the pipeline, or engine=deepspeed_zero / fsdp without it."
         )
+    if p.engine == "deepspeed_pipe" and p.zero_stage != 1:
+        raise ConfigError("parallel.engine=deepspeed_pipe needs parallel.zero_stage=1 (with stage 0 DeepSpeed's fp32 pipeline reports no gradient norm)")
     if p.engine == "deepspeed_zero" and p.zero_stage < 1:
         raise ConfigError("parallel.engine=deepspeed_zero needs parallel.zero_stage 1, 2 or 3")
     if p.activation_checkpoint_interval < 0:
