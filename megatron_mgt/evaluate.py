@@ -15,9 +15,9 @@ import math
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from data_prep.inspect_shards import token_counts, unigram_cross_entropy, unigram_entropy
 from megatron_mgt import geometry, plots
 from megatron_mgt.checkpoint import find_checkpoint
 from megatron_mgt.config import Config, ConfigError, load_config
@@ -28,18 +28,13 @@ from megatron_mgt.model import Transformer, capture_geometry, lm_loss
 from megatron_mgt.train import resolve_device
 
 
-def unigram_entropy(path_prefix: str) -> float:
-    """H = -sum_v p_v log p_v (nats/token) of the token frequencies in a shard: the loss of
-    the best context-free predictor, a bar every language model must clear."""
-    data = IndexedDataset(path_prefix)
-    counts = np.zeros(0, dtype=np.int64)
-    for i in range(len(data)):
-        doc_counts = np.bincount(data[i])
-        if len(doc_counts) > len(counts):
-            counts = np.pad(counts, (0, len(doc_counts) - len(counts)))
-        counts[: len(doc_counts)] += doc_counts
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+def unigram_baselines(train_prefix: str, valid_prefix: str) -> dict:
+    """The loss of the best context-free predictor, a bar every language model must clear:
+    the entropy of the training unigram distribution, and the held-out tokens' cross-entropy
+    under the (add-one smoothed) training unigram model, both in nats/token."""
+    train = token_counts(IndexedDataset(train_prefix).tokens)
+    valid = token_counts(IndexedDataset(valid_prefix).tokens)
+    return {"train_entropy": unigram_entropy(train), "valid_cross_entropy": unigram_cross_entropy(train, valid)}
 
 
 def load_model(cfg: Config, checkpoint: Path, device: torch.device) -> Transformer:
@@ -50,9 +45,14 @@ def load_model(cfg: Config, checkpoint: Path, device: torch.device) -> Transform
 
 @torch.no_grad()
 def perplexity(model: Transformer, cfg: Config, device: torch.device) -> dict:
-    losses = [lm_loss(model(x.to(device)), y.to(device)).item() for x, y in eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.eval.batches)]
-    loss = sum(losses) / len(losses)
-    return {"loss": loss, "ppl": math.exp(loss), "batches": len(losses), "tokens": len(losses) * cfg.train.micro_batch_size * cfg.data.seq_len}
+    """Token-weighted mean next-token loss over the first `eval.batches` held-out batches."""
+    total, tokens, batches = 0.0, 0, 0
+    for x, y in eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.eval.batches):
+        total += lm_loss(model(x.to(device)), y.to(device)).item() * y.numel()
+        tokens += y.numel()
+        batches += 1
+    loss = total / tokens
+    return {"loss": loss, "ppl": math.exp(loss), "batches": batches, "tokens": tokens}
 
 
 def geometry_snapshot(model: Transformer, tokens: torch.Tensor, center: bool) -> dict:
@@ -84,7 +84,7 @@ def evaluate(cfg: Config, run_dir: Path, checkpoint: Path | None = None) -> dict
         "residual": cfg.model.residual,
         "n_layers": cfg.model.n_layers,
         "valid": perplexity(model, cfg, device),
-        "unigram_entropy_train": unigram_entropy(cfg.data.train_prefix),
+        "unigram": unigram_baselines(cfg.data.train_prefix, cfg.data.valid_prefix),
         "geometry": geometry_snapshot(model, probe, cfg.eval.center),
         "geometry_at_init": geometry_snapshot(at_init, probe, cfg.eval.center),
     }
@@ -126,10 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"mgt-eval: error: {err}", file=sys.stderr)
         return 2
-    valid, h = result["valid"], result["unigram_entropy_train"]
+    valid, h = result["valid"], result["unigram"]["train_entropy"]
     erank = result["geometry"]["erank"]
     print(f"valid loss {valid['loss']:.4f} nats/token (ppl {valid['ppl']:.2f}) over {valid['tokens']} tokens")
     print(f"unigram entropy of the training tokens {h:.4f} nats/token: the model is {h - valid['loss']:.4f} nats below it")
+    print(f"held-out tokens under the training unigram model: {result['unigram']['valid_cross_entropy']:.4f} nats/token")
     print(f"effective rank ({'centred' if result['geometry']['centered'] else 'uncentred'}): embedding {erank[0]:.3f}, last layer {erank[-1]:.3f}")
     print(f"wrote {args.run_dir / 'eval'}")
     return 0

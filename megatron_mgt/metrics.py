@@ -21,9 +21,11 @@ LIBRARIES = ("torch", "numpy", "deepspeed", "sentencepiece", "datasets", "wandb"
 
 
 def wandb_mode(requested: str) -> str:
-    """'auto' -> 'online' when an API key is configured, else 'offline'."""
+    """'auto' -> $WANDB_MODE if set, else 'online' when an API key is configured, else 'offline'."""
     if requested != "auto":
         return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
     has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in _read(Path.home() / ".netrc")
     return "online" if has_key else "offline"
 
