@@ -112,10 +112,10 @@ def job_log(work: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()[-6000:]}" for p in sorted((work / "logs").glob("*.out")))
 
 
-def sbatch_wait(env: dict[str, str], work: Path) -> tuple[int, float]:
+def sbatch_wait(env: dict[str, str], work: Path, script: str = SCRIPT) -> tuple[int, float]:
     started = time.monotonic()
     out = subprocess.run(
-        ["timeout", str(JOB_TIMEOUT), "sbatch", "--wait", "--parsable", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True
+        ["timeout", str(JOB_TIMEOUT), "sbatch", "--wait", "--parsable", script], cwd=REPO, env=env, capture_output=True, text=True
     )
     elapsed = time.monotonic() - started
     print(f"sbatch --wait: exit {out.returncode} after {elapsed:.1f} s")
@@ -212,3 +212,18 @@ def test_usr1_before_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, 
     assert [r["step"] for r in train] == list(range(1, 13))  # no step lost, none repeated
     assert all(math.isfinite(r["loss"]) for r in train)
     assert (run / "jobs" / f"{job}.0").is_dir() and (run / "jobs" / f"{job}.1").is_dir()  # one record per restart
+
+
+def test_debug_job_runs_both_ranks_on_one_node(slurm_cluster, corpus, tmp_path):
+    """slurm/debug.sh: 1 node, 2 tasks, its own preset (200 layers, 2 stages) via mgt_200l.sh."""
+    env = job_env(corpus, tmp_path, max_steps=3)
+    del env["MGT_TASKS_PER_NODE"]  # the debug allocation itself: 2 tasks on 1 node
+    del env["MGT_RUN_DIR"]
+    env["MGT_RUN_DIR"] = str(tmp_path / "debug_run")
+    _, elapsed = sbatch_wait(env, tmp_path, "slurm/debug.sh")
+    log = job_log(tmp_path)
+    assert "1 node(s) x 2 task(s)" in log and "preset configs/mgt_200l_debug.yaml" in log, log
+    assert "rank 0 of 2 (local 0) on node1" in log and "rank 1 of 2 (local 1) on node1" in log, log
+    train = records(tmp_path / "debug_run", "train")
+    assert [r["step"] for r in train] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in train)
+    print(f"debug job: {elapsed:.1f} s")
