@@ -173,13 +173,16 @@ def angle_exponent(block_fn: Callable[[Tensor], Tensor], x: Tensor) -> float:
 def gradient_exponent(
     stack_fn: Callable[[Tensor], Tensor], x0: Tensor, n_layers: int, generator: torch.Generator
 ) -> float:
-    """lambda_g = (1/L) log |d(X_L . R)/dX_0|_F^2, X_L = stack_fn(X_0), R ~ N(0, 1) iid, L = n_layers.
+    """lambda_g = (1/L) log(|d(X_L . R)/dX_0|_F^2 / |R|_F^2), X_L = stack_fn(X_0), R ~ N(0, 1) iid, L = n_layers.
 
-    The norm runs over the whole tensor (all sequences); R is drawn from generator with
-    X_L's dtype and device. For X_L = c^L X_0 this is 2 log|c| + log|R|_F^2 / L.
+    d(X_L . R)/dX_0 = J^T R; dividing by |R|_F^2 makes an identity stack give exactly 0 and
+    X_L = c^L X_0 give 2 log|c| (Cowsik et al.'s per-layer growth rate of a random
+    backpropagated signal). The norms run over the whole tensor (all sequences); R is drawn
+    from generator with X_L's dtype and device.
     """
     x = x0.detach().clone().requires_grad_(True)
     y = stack_fn(x)
     r = torch.randn(y.shape, generator=generator, dtype=y.dtype, device=y.device)
     (grad,) = torch.autograd.grad((y * r).sum(), x)
-    return (2 * torch.log(torch.linalg.vector_norm(_as_f64(grad))) / n_layers).item()
+    ratio = torch.linalg.vector_norm(_as_f64(grad)) / torch.linalg.vector_norm(_as_f64(r))
+    return (2 * torch.log(ratio) / n_layers).item()

@@ -226,7 +226,7 @@ def test_angle_exponent_contraction_toward_mean(c: float) -> None:
 
 @pytest.mark.parametrize("c", [1.5, 0.7, -1.2])
 def test_gradient_exponent_linear_stack(c: float) -> None:
-    """X_L = c^L X_0, so d(X_L . R)/dX_0 = c^L R and lambda_g = 2 log|c| + log|R|_F^2 / L."""
+    """X_L = c^L X_0, so d(X_L . R)/dX_0 = c^L R and lambda_g = 2 log|c| (R's norm divides out)."""
     n_layers = 6
     x0 = torch.randn(2, 5, 8, generator=_gen(15), dtype=torch.float64)
 
@@ -235,25 +235,35 @@ def test_gradient_exponent_linear_stack(c: float) -> None:
             x = c * x
         return x
 
-    r = torch.randn(x0.shape, generator=_gen(16), dtype=torch.float64)
-    expected = 2 * math.log(abs(c)) + math.log(r.pow(2).sum().item()) / n_layers
+    expected = 2 * math.log(abs(c))
     assert geo.gradient_exponent(stack, x0, n_layers, _gen(16)) == pytest.approx(expected, rel=1e-10)
 
 
 def test_gradient_exponent_orthogonal_stack_uses_jacobian_transpose() -> None:
-    """x -> x Q with Q orthogonal: the gradient R (Q^T)^L keeps |R|, so lambda_g = log|R|_F^2 / L."""
+    """x -> x Q with Q orthogonal: the gradient R (Q^T)^L keeps |R|, so lambda_g = 0; x -> x A with a
+    non-orthogonal A gives lambda_g = (1/L) log(|R (A^T)^L|^2 / |R|^2), R drawn from the same generator."""
     n_layers, d = 3, 8
     q = _orthonormal(d, d, seed=17)
     x0 = torch.randn(2, 4, d, generator=_gen(18), dtype=torch.float64)
-    r = torch.randn(x0.shape, generator=_gen(19), dtype=torch.float64)
-    expected = math.log(r.pow(2).sum().item()) / n_layers
 
-    def stack(x: torch.Tensor) -> torch.Tensor:
+    def stack(x: torch.Tensor, m: torch.Tensor = q) -> torch.Tensor:
         for _ in range(n_layers):
-            x = x @ q
+            x = x @ m
         return x
 
-    assert geo.gradient_exponent(stack, x0, n_layers, _gen(19)) == pytest.approx(expected, rel=1e-10)
+    assert geo.gradient_exponent(stack, x0, n_layers, _gen(19)) == pytest.approx(0.0, abs=1e-12)
+    a = q * torch.linspace(0.5, 1.5, d, dtype=torch.float64)  # scales the columns of Q
+    r = torch.randn(x0.shape, generator=_gen(19), dtype=torch.float64)
+    grad = r
+    for _ in range(n_layers):
+        grad = grad @ a.T
+    expected = math.log(grad.pow(2).sum().item() / r.pow(2).sum().item()) / n_layers
+    assert geo.gradient_exponent(lambda x: stack(x, a), x0, n_layers, _gen(19)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_gradient_exponent_identity_stack_is_zero() -> None:
+    x0 = torch.randn(2, 4, 8, generator=_gen(20))
+    assert geo.gradient_exponent(lambda x: x, x0, 5, _gen(21)) == 0.0
 
 
 # ---------------------------------------------------------------- plots
