@@ -4,8 +4,10 @@ and tests/test_convert.py share them."""
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,6 +41,7 @@ COMMON = {
 @functools.cache
 def root() -> Path:
     path = Path(tempfile.mkdtemp(prefix="mgt_engines_"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     write_zipf_shard(path / "train", n_docs=64, doc_len=300, vocab=256, seed=0)
     write_zipf_shard(path / "valid", n_docs=8, doc_len=300, vocab=256, seed=1)
     return path

@@ -32,10 +32,10 @@ def _series(records: list[dict], key: str) -> list[float]:
 def test_same_loss_sequence_as_single(engine):
     ref, got = train_records(straight("single")), train_records(straight(engine))
     assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, STEPS + 1))
-    d_loss = max(abs(a - b) for a, b in zip(_series(got, "loss"), _series(ref, "loss")))
-    d_norm = max(abs(a - b) for a, b in zip(_series(got, "grad_norm"), _series(ref, "grad_norm")))
+    d_loss = max(abs(a - b) for a, b in zip(_series(got, "loss"), _series(ref, "loss"), strict=True))
+    d_norm = max(abs(a - b) for a, b in zip(_series(got, "grad_norm"), _series(ref, "grad_norm"), strict=True))
     ref_valid, got_valid = valid_records(straight("single")), valid_records(straight(engine))
-    d_valid = max(abs(a["loss"] - b["loss"]) for a, b in zip(got_valid, ref_valid))
+    d_valid = max(abs(a["loss"] - b["loss"]) for a, b in zip(got_valid, ref_valid, strict=True))
     print(f"\n{engine} vs single over {STEPS} steps: max|dloss| {d_loss:.2e}  max|dgrad_norm| {d_norm:.2e}  max|dvalid| {d_valid:.2e}")
     assert d_loss <= LOSS_TOL and d_norm <= NORM_TOL and d_valid <= LOSS_TOL
     assert len(got_valid) == len(ref_valid) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from itertools import pairwise
 
 import pytest
 
@@ -18,12 +19,12 @@ def test_200_blocks_balance(stages):
     parts = partition_balanced(costs, stages)
     print("\n" + describe(cfg, 256, stages))
     assert parts[0] == 0 and parts[-1] == len(costs) and len(parts) == stages + 1
-    assert all(b > a for a, b in zip(parts, parts[1:]))
+    assert all(b > a for a, b in pairwise(parts))
     per_stage = stage_costs(costs, parts)
     # the bottleneck is within one block of the ideal (blocks are indivisible)
     assert max(per_stage) <= sum(costs) / stages + 1.0
     assert imbalance(costs, parts) < {2: 1.01, 4: 1.01, 8: 1.03, 16: 1.05}[stages]
-    blocks = [sum(1 for i in range(a, b) if 1 <= i <= 200) for a, b in zip(parts, parts[1:])]
+    blocks = [sum(1 for i in range(a, b) if 1 <= i <= 200) for a, b in pairwise(parts)]
     assert sum(blocks) == 200
     # first and last stages carry embedding / head and get no more blocks than the middle ones
     assert blocks[0] <= min(blocks[1:-1] or blocks) and blocks[-1] <= min(blocks[1:-1] or blocks)
@@ -34,7 +35,7 @@ def test_heavy_head_takes_blocks_off_the_last_stage():
     costs = layer_costs(cfg, 256)
     assert costs[-1] > 40
     parts = partition_balanced(costs, 4)
-    blocks = [sum(1 for i in range(a, b) if 1 <= i <= 200) for a, b in zip(parts, parts[1:])]
+    blocks = [sum(1 for i in range(a, b) if 1 <= i <= 200) for a, b in pairwise(parts)]
     assert blocks[-1] < blocks[1] - 30
     print(f"\nvocab 256k, 4 stages: blocks per stage {blocks}, imbalance {imbalance(costs, parts):.4f}")
 

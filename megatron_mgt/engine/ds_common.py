@@ -11,6 +11,7 @@ build; a JSON that sets one of them (or a ZeRO stage / bf16 switch that disagree
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -39,8 +40,10 @@ def import_deepspeed(device: torch.device):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import deepspeed.ops
+    from deepspeed.utils import logger
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    logger.setLevel(logging.WARNING)  # the trainer reports; DeepSpeed's INFO lines drown it
     return deepspeed
 
 

@@ -19,7 +19,8 @@ maximum stage cost (exact dynamic programme over contiguous splits).
 from __future__ import annotations
 
 import sys
-from functools import lru_cache
+from functools import cache
+from itertools import pairwise
 
 from megatron_mgt.config import ModelConfig
 
@@ -54,7 +55,7 @@ def partition_balanced(costs: list[float], num_stages: int) -> list[int]:
     for c in costs:
         prefix.append(prefix[-1] + c)
 
-    @lru_cache(maxsize=None)
+    @cache
     def best(start: int, stages: int) -> tuple[float, float, tuple[int, ...]]:
         """(bottleneck, sum of squared stage costs, cut points) for layers[start:] in
         `stages` stages; the squares break ties between equal bottlenecks towards even
@@ -80,7 +81,7 @@ def partition_balanced(costs: list[float], num_stages: int) -> list[int]:
 
 
 def stage_costs(costs: list[float], parts: list[int]) -> list[float]:
-    return [sum(costs[a:b]) for a, b in zip(parts[:-1], parts[1:])]
+    return [sum(costs[a:b]) for a, b in pairwise(parts)]
 
 
 def imbalance(costs: list[float], parts: list[int]) -> float:
@@ -93,7 +94,7 @@ def describe(cfg: ModelConfig, seq_len: int, num_stages: int, embed_cost: float 
     costs = layer_costs(cfg, seq_len, embed_cost)
     parts = partition_balanced(costs, num_stages)
     lines = [f"{cfg.n_layers} blocks, {num_stages} stages, head = {costs[-1]:.2f} blocks, embedding = {costs[0]:.2f}: imbalance {imbalance(costs, parts):.4f}"]
-    for s, (a, b) in enumerate(zip(parts[:-1], parts[1:])):
+    for s, (a, b) in enumerate(pairwise(parts)):
         blocks = [i - 1 for i in range(a, b) if 1 <= i <= cfg.n_layers]
         extra = [name for i, name in ((0, "embed"), (cfg.n_layers + 1, "norm"), (cfg.n_layers + 2, "head")) if a <= i < b]
         span = f"blocks {blocks[0]}-{blocks[-1]}" if blocks else "no blocks"
