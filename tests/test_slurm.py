@@ -227,3 +227,15 @@ def test_debug_job_runs_both_ranks_on_one_node(slurm_cluster, corpus, tmp_path):
     train = records(tmp_path / "debug_run", "train")
     assert [r["step"] for r in train] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in train)
     print(f"debug job: {elapsed:.1f} s")
+
+
+def test_a_failing_job_reports_its_exit_code_and_is_not_requeued(slurm_cluster, corpus, tmp_path):
+    env = job_env(corpus, tmp_path, max_steps=3)
+    env["MGT_OVERRIDES"] += " model.n_layer=12"  # a typo: the trainer exits 2 on every rank
+    out = subprocess.run(
+        ["timeout", str(JOB_TIMEOUT), "sbatch", "--wait", "--parsable", SCRIPT], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    log = job_log(tmp_path)
+    assert out.returncode != 0, log
+    assert "unknown config key 'model.n_layer' (did you mean 'n_layers'?)" in log
+    assert "ranks exited with status" in log and "requeueing" not in log
