@@ -49,17 +49,53 @@ def tied_head(embedding: nn.Embedding, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, embedding.weight)
 
 
+def _stream_hook(cfg: ModelConfig, name: str):
+    """The residual rule's `expand` / `collapse` of the residual stream (multi-stream rules
+    widen it after the embedding and narrow it before the final norm, as
+    `Transformer.forward` does), or None when the model has no such hooks."""
+    try:
+        from megatron_mgt.model.residual import rule_type
+    except ImportError:
+        return None
+    return getattr(rule_type(cfg), name, None)
+
+
+class PipeEmbedding(nn.Embedding):
+    """The embedding stage: lookup, then the rule's stream expansion (identity for most)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.vocab_size, cfg.d_model)
+        self.model_cfg = cfg
+        self.expand = _stream_hook(cfg, "expand")
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = super().forward(tokens)
+        return self.expand(x, self.model_cfg) if self.expand is not None else x
+
+
+class PipeFinalNorm(nn.LayerNorm):
+    """The final-norm stage: the rule's stream collapse, then LayerNorm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.d_model, eps=cfg.norm_eps)
+        self.model_cfg = cfg
+        self.collapse = _stream_hook(cfg, "collapse")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.collapse(x, self.model_cfg) if self.collapse is not None else x)
+
+
 def layer_specs(cfg: ModelConfig) -> list:
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
     if cfg.tie_embeddings:
-        embed = TiedLayerSpec(TIED_KEY, nn.Embedding, cfg.vocab_size, cfg.d_model, tied_weight_attr=["weight"])
-        head = TiedLayerSpec(TIED_KEY, nn.Embedding, cfg.vocab_size, cfg.d_model, forward_fn=tied_head, tied_weight_attr=["weight"])
+        embed = TiedLayerSpec(TIED_KEY, PipeEmbedding, cfg, tied_weight_attr=["weight"])
+        head = TiedLayerSpec(TIED_KEY, PipeEmbedding, cfg, forward_fn=tied_head, tied_weight_attr=["weight"])
     else:
-        embed = LayerSpec(nn.Embedding, cfg.vocab_size, cfg.d_model)
+        embed = LayerSpec(PipeEmbedding, cfg)
         head = LayerSpec(nn.Linear, cfg.d_model, cfg.vocab_size, bias=False)
     blocks = [LayerSpec(Block, cfg) for _ in range(cfg.n_layers)]
-    return [embed, *blocks, LayerSpec(nn.LayerNorm, cfg.d_model, eps=cfg.norm_eps), head]
+    return [embed, *blocks, LayerSpec(PipeFinalNorm, cfg), head]
 
 
 def single_key(cfg: ModelConfig, layer: int, key: str) -> str:
