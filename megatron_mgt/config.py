@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-RESIDUALS = ("preln", "postln", "deepnorm", "mhc", "ddl", "mgt")
+RESIDUALS = ("preln", "postln", "deepnorm", "mhc", "ddl", "mgt", "ddl_rank1", "mhc_nstream")
 
 
 class ConfigError(ValueError):
@@ -43,6 +43,24 @@ class MGTConfig:
 
 
 @dataclass
+class Rank1DDLConfig:
+    """Knobs of the `ddl_rank1` comparator (docs/RESIDUALS.md); provisional defaults."""
+
+    beta_init: float = 0.1  # beta at init, in (0, 2): w = 0, b = logit(beta_init / 2)
+    value_input: Literal["x", "ln"] = "x"  # the scalar value v = w_v . C + b_v reads C = X_l or LN(X_l)
+    k_eps: float = 1e-5  # k = F / sqrt(|F|^2 + k_eps^2)
+
+
+@dataclass
+class NStreamMHCConfig:
+    """Knobs of the `mhc_nstream` comparator besides `model.mhc_streams` (docs/RESIDUALS.md)."""
+
+    gate_init: float = 0.01  # a_pre, a_post, a_res at init
+    res_diag_init: float = 0.95  # diagonal of H_res at init (off-diagonal (1 - it) / (n - 1))
+    sinkhorn_iters: int = 20
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 8000
     d_model: int = 256
@@ -59,6 +77,9 @@ class ModelConfig:
     scale_init_by_depth: bool = True  # output projections std / sqrt(2 * n_layers) (GPT-2)
     attention_kernel: Literal["auto", "sdpa", "flash"] = "auto"
     mgt: MGTConfig = field(default_factory=MGTConfig)
+    ddl_rank1: Rank1DDLConfig = field(default_factory=Rank1DDLConfig)
+    mhc_streams: int = 4  # mhc_nstream: number of residual streams n
+    mhc_nstream: NStreamMHCConfig = field(default_factory=NStreamMHCConfig)
 
     @property
     def head_dim(self) -> int:
@@ -264,6 +285,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.mgt.lam={g.lam} must be > 0")
     if not abs(g.beta_init - g.eps) < g.lam:
         raise ConfigError(f"model.mgt.beta_init={g.beta_init} must lie strictly inside (eps - lam, eps + lam) = ({g.eps - g.lam}, {g.eps + g.lam})")
+    if not 0 < m.ddl_rank1.beta_init < 2:
+        raise ConfigError(f"model.ddl_rank1.beta_init={m.ddl_rank1.beta_init} must lie strictly inside (0, 2)")
+    if m.mhc_streams < 1 or m.mhc_nstream.sinkhorn_iters < 1:
+        raise ConfigError("model.mhc_streams and model.mhc_nstream.sinkhorn_iters must be >= 1")
+    if m.mhc_streams > 1 and not 0 < m.mhc_nstream.res_diag_init < 1:
+        raise ConfigError(f"model.mhc_nstream.res_diag_init={m.mhc_nstream.res_diag_init} must lie strictly inside (0, 1)")
+    if m.residual == "mhc_nstream" and cfg.parallel.engine == "deepspeed_pipe":
+        raise ConfigError("model.residual=mhc_nstream is not supported by parallel.engine=deepspeed_pipe yet (its layer specs carry a [B, T, d] stream)")
     for name in ("n_layers", "d_model", "n_heads", "vocab_size"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name} must be positive")

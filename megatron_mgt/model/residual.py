@@ -10,6 +10,15 @@ registry `RESIDUAL_RULES`; the block never asks which rule it holds. Spec sectio
     ddl       X + beta * (F(LN(X)) - alpha X),  beta = lam tanh(X W_beta + b_beta) + eps
     mgt       X + beta * (V_mHC - alpha X)
 
+and the original mechanisms as comparators (docs/RESIDUALS.md):
+
+    ddl_rank1    x + beta k (v - k.x) per token,  k = F(LN x) normalised, beta in (0, 2)
+    mhc_nstream  x <- H_res x + H_post^T F(LN(H_pre x)) on n streams [B, T, n*d]
+
+A rule whose stream is wider than d (mhc_nstream) says so through two class-level hooks
+that the model calls: `expand(x, cfg)` after the embedding and `collapse(x, cfg)` before
+the final norm (and for every hidden state it reports); both are the identity otherwise.
+
 With `capture = True` a rule keeps, for the last call, the ratio |X_new - X| / |X| per
 sequence and (where it has them) beta and alpha, for geometry telemetry; otherwise it
 keeps nothing.
@@ -21,6 +30,7 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from megatron_mgt.config import MGTConfig, ModelConfig
@@ -41,6 +51,16 @@ class ResidualRule(nn.Module):
 
     def update(self, x: torch.Tensor, sublayer: Sublayer) -> torch.Tensor:
         raise NotImplementedError
+
+    @staticmethod
+    def expand(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+        """Embedding output [B, T, d] -> the residual stream this rule updates."""
+        return x
+
+    @staticmethod
+    def collapse(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+        """Residual stream -> [B, T, d] (final norm input, reported hidden states)."""
+        return x
 
     def forward(self, x: torch.Tensor, sublayer: Sublayer) -> torch.Tensor:
         out = self.update(x, sublayer)
@@ -155,15 +175,153 @@ class GeometricResidual(ResidualRule):
         return x + beta * (v - alpha * x)
 
 
-RESIDUAL_RULES: dict[str, Callable[[ModelConfig], ResidualRule]] = {
+class GateOnly(GeometricResidual):
+    """`mhc` ablation: X + V_mHC."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, gate=True, delta=False)
+
+
+class DeltaOnly(GeometricResidual):
+    """`ddl` ablation: X + beta (V_raw - alpha X)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, gate=False, delta=True)
+
+
+class FullMGT(GeometricResidual):
+    """`mgt`: X + beta (V_mHC - alpha X)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg, gate=True, delta=True)
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+class Rank1Delta(ResidualRule):
+    """Deep Delta Learning, rank 1 with a scalar value (d_v = 1; Zhang et al. 2601.00417).
+
+    Per token x (a d-vector) and sublayer F:
+        k    = f / sqrt(|f|^2 + k_eps^2),  f = F(LN x)           direction (unit norm)
+        beta = 2 sigmoid(w_beta . c + b_beta),  c = LN x          gate in (0, 2), fp32
+        v    = w_v . C + b_v,  C = x (value_input=x) or LN x      scalar value
+        x'   = x + beta k (v - k . x) = (I - beta k k^T) x + beta v k
+    w_beta = 0, b_beta = logit(beta_init / 2): beta = beta_init at init; w_v = 0, b_v = 0:
+    v = 0 at init, so the update is the pure erasure -beta k (k . x) and
+    |x' - x| / |x| = beta_init |cos(k, x)| <= beta_init per token.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        knobs = cfg.ddl_rank1
+        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.k_eps, self.value_reads_x = knobs.k_eps, knobs.value_input == "x"
+        self.gate = nn.Linear(cfg.d_model, 1)
+        self.value = nn.Linear(cfg.d_model, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, _logit(knobs.beta_init / 2))
+        nn.init.zeros_(self.value.weight)
+        nn.init.zeros_(self.value.bias)
+
+    def beta(self, c: torch.Tensor) -> torch.Tensor:
+        """2 sigmoid(w . c + b) in fp32, [..., 1]."""
+        return 2 * torch.sigmoid(F.linear(c.float(), self.gate.weight.float(), self.gate.bias.float()))
+
+    def update(self, x, sublayer):
+        h = self.norm(x)
+        f = sublayer(h).float()
+        k = f * torch.rsqrt(f.pow(2).sum(-1, keepdim=True) + self.k_eps**2)
+        beta = self.beta(h)
+        v = self.value(x if self.value_reads_x else h).float()
+        kx = (k * x.float()).sum(-1, keepdim=True)
+        self.record(beta=beta, alpha=torch.ones(1, device=x.device))  # erasure along k is beta (alpha = 1)
+        return x + (beta * (v - kx) * k).to(x.dtype)
+
+
+def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Sinkhorn-Knopp on exp(logits) [..., n, n] in fp32: `iters` rounds of (divide every
+    column by its sum, then every row by its sum). Rows sum to 1 exactly, columns to 1 up
+    to the convergence left after `iters` rounds."""
+    m = logits.float()
+    m = torch.exp(m - m.amax(dim=(-2, -1), keepdim=True))  # a common scale: same result, no overflow
+    for _ in range(iters):
+        m = m / m.sum(dim=-2, keepdim=True)
+        m = m / m.sum(dim=-1, keepdim=True)
+    return m
+
+
+class NStreamMHC(ResidualRule):
+    """DeepSeek mHC with n residual streams (arXiv 2512.24880). The stream is x [B, T, n*d],
+    n rows x_i of width d per token; with x' = RMSNorm(vec x) (no affine) in fp32:
+        H_pre  = sigmoid(a_pre x' phi_pre + b_pre)                     [n]
+        H_post = 2 sigmoid(a_post x' phi_post + b_post)                [n]
+        H_res  = Sinkhorn(exp(a_res mat(x' phi_res) + b_res))          [n, n], doubly stochastic
+        x'' = H_res x + H_post^T F(LN(H_pre x))
+    F keeps its pre-norm LN (as in preln). phi ~ N(0, 1/(n d)) so x' phi is O(1); a_* start
+    at `gate_init`. b_pre = logit(1/n) (the input starts as the stream mean), b_post = 0
+    (H_post = 1), b_res = log of a doubly stochastic matrix with diagonal `res_diag_init`,
+    so H_res starts near identity. expand replicates the embedding n times; collapse is
+    the mean of the streams. With a = 0 the model is exactly preln (up to LN eps).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        knobs, n, d = cfg.mhc_nstream, cfg.mhc_streams, cfg.d_model
+        self.n, self.d, self.iters, self.rms_eps = n, d, knobs.sinkhorn_iters, cfg.norm_eps
+        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.phi = nn.Linear(n * d, 2 * n + n * n, bias=False)
+        nn.init.normal_(self.phi.weight, std=(n * d) ** -0.5)
+        self.a_pre, self.a_post, self.a_res = (nn.Parameter(torch.tensor(float(knobs.gate_init))) for _ in range(3))
+        self.b_pre = nn.Parameter(torch.full((n,), _logit(1 / n) if n > 1 else 0.0))
+        self.b_post = nn.Parameter(torch.zeros(n))
+        p = knobs.res_diag_init if n > 1 else 1.0
+        off = math.log((1 - p) / (n - 1)) if n > 1 else 0.0
+        self.b_res = nn.Parameter(torch.full((n, n), off).fill_diagonal_(math.log(p)))
+
+    @staticmethod
+    def expand(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+        return x.repeat(1, 1, cfg.mhc_streams)
+
+    @staticmethod
+    def collapse(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+        return x.unflatten(-1, (cfg.mhc_streams, cfg.d_model)).mean(dim=-2)
+
+    def mappings(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(H_pre [..., n], H_post [..., n], H_res [..., n, n]) in fp32 for x [..., n*d]."""
+        n = self.n
+        xn = F.rms_norm(x.float(), (n * self.d,), eps=self.rms_eps)
+        p_pre, p_post, p_res = F.linear(xn, self.phi.weight.float()).split([n, n, n * n], dim=-1)
+        h_pre = torch.sigmoid(self.a_pre * p_pre + self.b_pre)
+        h_post = 2 * torch.sigmoid(self.a_post * p_post + self.b_post)
+        h_res = sinkhorn(self.a_res * p_res.unflatten(-1, (n, n)) + self.b_res, self.iters)
+        return h_pre, h_post, h_res
+
+    def update(self, x, sublayer):
+        xs = x.unflatten(-1, (self.n, self.d))  # [B, T, n, d]
+        h_pre, h_post, h_res = (h.to(x.dtype) for h in self.mappings(x))
+        u = sublayer(self.norm(torch.einsum("...i,...id->...d", h_pre, xs)))
+        out = torch.einsum("...ij,...jd->...id", h_res, xs) + h_post.unsqueeze(-1) * u.unsqueeze(-2)
+        return out.flatten(-2)
+
+
+RESIDUAL_RULES: dict[str, type[ResidualRule]] = {
     "preln": PreLN,
     "postln": PostLN,
     "deepnorm": DeepNorm,
-    "mhc": lambda cfg: GeometricResidual(cfg, gate=True, delta=False),
-    "ddl": lambda cfg: GeometricResidual(cfg, gate=False, delta=True),
-    "mgt": lambda cfg: GeometricResidual(cfg, gate=True, delta=True),
+    "mhc": GateOnly,
+    "ddl": DeltaOnly,
+    "mgt": FullMGT,
+    "ddl_rank1": Rank1Delta,
+    "mhc_nstream": NStreamMHC,
 }
 
 
 def build_rule(cfg: ModelConfig) -> ResidualRule:
     return RESIDUAL_RULES[cfg.residual](cfg)
+
+
+def rule_type(cfg: ModelConfig) -> type[ResidualRule]:
+    """The class of the configured rule, for its stream hooks (expand / collapse)."""
+    return RESIDUAL_RULES[cfg.residual]

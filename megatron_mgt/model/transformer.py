@@ -16,13 +16,14 @@ from torch import nn
 
 from megatron_mgt.config import ModelConfig
 from megatron_mgt.model.block import Block
-from megatron_mgt.model.residual import ResidualRule
+from megatron_mgt.model.residual import ResidualRule, rule_type
 
 
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self.rule_type = rule_type(cfg)  # its expand/collapse hooks shape the residual stream
         self.embed: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm: nn.Module | None = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
@@ -34,18 +35,21 @@ class Transformer(nn.Module):
             nn.init.normal_(self.head.weight, std=cfg.init_std)
 
     def forward(self, tokens: torch.Tensor, hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """tokens [B, T] (or hidden states [B, T, d] when this stage has no embedding)
-        -> logits [B, T, V] (or hidden states when it has no head). If `hidden` is a
-        list, the residual stream after the embedding and after every block is appended."""
-        x = self.embed(tokens) if self.embed is not None else tokens
+        """tokens [B, T] (or the residual stream when this stage has no embedding) -> logits
+        [B, T, V] (or the residual stream when it has no final norm). The stream is [B, T, d],
+        or wider for a multi-stream rule: the embedding stage expands it, the final-norm
+        stage collapses it. If `hidden` is a list, the (collapsed, [B, T, d]) stream after
+        the embedding and after every block is appended."""
+        hooks = self.rule_type
+        x = hooks.expand(self.embed(tokens), self.cfg) if self.embed is not None else tokens
         if hidden is not None:
-            hidden.append(x.detach())
+            hidden.append(hooks.collapse(x, self.cfg).detach())
         for block in self.layers.values():
             x = block(x)
             if hidden is not None:
-                hidden.append(x.detach())
+                hidden.append(hooks.collapse(x, self.cfg).detach())
         if self.norm is not None:
-            x = self.norm(x)
+            x = self.norm(hooks.collapse(x, self.cfg))
         if self.head is not None:
             x = self.head(x)
         return x
