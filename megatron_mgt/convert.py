@@ -24,6 +24,7 @@ import argparse
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -88,12 +89,9 @@ def write_pipe(state: dict[str, torch.Tensor], directory: Path, cfg: ModelConfig
 def read_dcp(directory: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    tmp = directory.parent / f".{directory.name}.convert.pt"
-    try:
-        dcp_to_torch_save(directory / DCP_DIR, tmp)
-        full = torch.load(tmp, map_location="cpu", weights_only=False)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(prefix="mgt_convert_") as tmp:
+        dcp_to_torch_save(directory / DCP_DIR, Path(tmp) / "full.pt")
+        full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
     return dict(full["model"])
 
 

@@ -38,8 +38,16 @@ def unigram_baselines(train_prefix: str, valid_prefix: str) -> dict:
 
 
 def load_model(cfg: Config, checkpoint: Path, device: torch.device) -> Transformer:
+    """model.pt, or the weights of a pipeline / FSDP (DCP) / ZeRO checkpoint read through
+    megatron_mgt.convert (so a run of any engine evaluates as it is)."""
     model = Transformer(cfg.model).to(device)
-    model.load_state_dict(torch.load(checkpoint / "model.pt", map_location=device, weights_only=True))
+    if (checkpoint / "model.pt").is_file():
+        state = torch.load(checkpoint / "model.pt", map_location=device, weights_only=True)
+    else:
+        from megatron_mgt.convert import read_state
+
+        state = read_state(checkpoint, cfg.model)
+    model.load_state_dict(state)
     return model.eval()
 
 

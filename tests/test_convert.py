@@ -37,6 +37,7 @@ def test_converted_checkpoint_gives_the_same_eval_loss(engine, layout, tmp_path)
     loss = _eval_loss(run_dir, out)
     print(f"\n{engine}: engine's valid loss {logged['loss']:.7f}, converted model.pt in evaluate.py {loss:.7f}")
     assert abs(loss - logged["loss"]) <= EVAL_TOL
+    assert _eval_loss(run_dir, ckpt) == loss  # evaluate.py also reads the engine's layout directly
 
 
 @pytest.mark.slow
