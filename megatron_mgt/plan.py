@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from megatron_mgt.config import Config, ConfigError, load_config
+from megatron_mgt.flops import matmul_params
 from megatron_mgt.model import Transformer, lm_loss
 
 GB = 1e9
@@ -198,7 +199,7 @@ def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
     model = meta_model(cfg, dtype)
     unique = {id(q): q for q in model.parameters()}
     total = sum(q.numel() for q in unique.values())
-    matmul = sum(mod.weight.numel() for mod in {id(x.weight): x for x in model.modules() if isinstance(x, nn.Linear)}.values())
+    matmul = matmul_params(model)  # the count MFU uses (flops.py)
 
     # Pipeline items in order, each with the parameters its stage holds.
     names = ["embed"] + [f"layers.{i}" for i in model.layers] + ["norm", "head"]
