@@ -156,6 +156,7 @@ class LogConfig:
     wandb_project: str = "megatron_mgt"
     run_name: str = ""
     progress: bool = True
+    geometry_every: int = 100  # geometry telemetry on the fixed probe batch every N steps (+ step 0); 0 = off
 
 
 @dataclass
@@ -300,6 +301,8 @@ def validate(cfg: Config) -> None:
     for name in ("micro_batch_size", "grad_accum_steps", "max_steps"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive")
+    if cfg.log.geometry_every < 0:
+        raise ConfigError(f"log.geometry_every={cfg.log.geometry_every} must be >= 0 (0 disables telemetry)")
     validate_parallel(cfg)
 
 

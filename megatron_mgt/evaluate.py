@@ -2,7 +2,8 @@
 
     mgt-eval RUN_DIR [--checkpoint DIR] [section.key=value ...]
 
-Writes RUN_DIR/eval/{eval.json, loss_curve.png, erank_vs_depth.png, beta_by_layer.png}.
+Writes RUN_DIR/eval/{eval.json, loss_curve.png, erank_vs_depth.png, beta_by_layer.png}
+and, when training logged geometry telemetry, {erank,token_cosine}_heatmap.png (layer x step).
 The geometry snapshot is one forward pass on a fixed batch (the first held-out windows)
 for the trained model and for the same architecture at initialisation (same seed).
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 from data_prep.inspect_shards import token_counts, unigram_cross_entropy, unigram_entropy
-from megatron_mgt import geometry, plots
+from megatron_mgt import geometry, plots, telemetry
 from megatron_mgt.checkpoint import find_checkpoint
 from megatron_mgt.config import Config, ConfigError, load_config
 from megatron_mgt.data.indexed import IndexedDataset
@@ -111,6 +112,7 @@ def write_plots(result: dict, run_dir: Path, out: Path) -> None:
     if metrics.is_file():
         series = {kind: [(r["step"], r["loss"]) for r in read_metrics(metrics, kind)] for kind in ("train", "valid")}
         plots.plot_loss_curves(series, out / "loss_curve.png", f"loss, {name}")
+        telemetry.write_heatmaps(metrics, out, name)  # layer x step, when training logged geometry
     centred = "centred" if result["geometry"]["centered"] else "uncentred"
     plots.plot_erank_vs_depth(
         {"trained": result["geometry"]["erank"], "init": result["geometry_at_init"]["erank"]},

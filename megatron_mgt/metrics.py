@@ -95,7 +95,7 @@ class MetricsLog:
         self.file.flush()
         if self.wandb is not None:
             kind = record.get("kind", "train")
-            self.wandb.log({f"{kind}/{k}": v for k, v in record.items() if k not in ("kind", "step") and isinstance(v, (int, float))}, step=record.get("step"))
+            self.wandb.log(wandb_scalars(record, kind), step=record.get("step"))
 
     def close(self) -> None:
         self.file.close()
@@ -112,6 +112,20 @@ class NullLog:
 
     def close(self) -> None:
         pass
+
+
+def wandb_scalars(record: dict, kind: str) -> dict:
+    """'kind/key' for every number of a record; a list of numbers (per layer) becomes one
+    scalar per entry, 'kind/key/003' (None entries are skipped)."""
+    out = {}
+    for key, value in record.items():
+        if key in ("kind", "step") or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[f"{kind}/{key}"] = value
+        elif isinstance(value, list):
+            out.update({f"{kind}/{key}/{i:03d}": v for i, v in enumerate(value) if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
 
 
 def _wandb_id(run_dir: Path) -> str:

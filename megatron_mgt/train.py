@@ -33,6 +33,7 @@ from megatron_mgt.engine import build_engine
 from megatron_mgt.flops import device_peak_flops, flops_per_token, matmul_params
 from megatron_mgt.metrics import MetricsLog, NullLog
 from megatron_mgt.model import Transformer
+from megatron_mgt.telemetry import GeometryTelemetry
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -149,6 +150,9 @@ def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: fl
     log = MetricsLog(run_dir, cfg, str(device)) if engine.is_main else NullLog()
     if resume_from is not None:
         log.log({"kind": "event", "step": step, "event": "resumed", "checkpoint": str(resume_from), "rank_state": state["rank_state"]})
+    telemetry = GeometryTelemetry(cfg, engine, log)
+    if step == 0:
+        telemetry.at(0)  # geometry at init
     tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * cfg.data.seq_len * engine.dp_size  # global
     step_flops = flops_per_token(cfg.model, model_matmul_params(cfg), cfg.data.seq_len) * tokens_per_step
     peak = device_peak_flops(device)  # per device; every rank measures at once (CPU: its share)
@@ -205,6 +209,7 @@ def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: fl
                 if cfg.data.valid_prefix and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
                     valid_loss = evaluate_loss(engine, cfg)
                     log.log({"kind": "valid", "step": step, "loss": valid_loss, "ppl": math.exp(min(valid_loss, 50.0))})
+                telemetry.at(step)
                 if stop.signum is not None:
                     status = f"signalled ({signal.Signals(stop.signum).name})"
                 elif tc.exit_at_step and step >= tc.exit_at_step:

@@ -1,0 +1,136 @@
+"""Live geometry telemetry during training (spec 3.1 and 3.3 "during training").
+
+Every `log.geometry_every` steps (0: off), and once at step 0 of a fresh run, one forward
+pass on a fixed probe batch - the first `eval.geometry_batch` held-out windows, the same
+for the whole run and for `mgt-eval` - gives, through `evaluate.geometry_snapshot` (the one
+place these numbers are computed), a metrics record
+
+    {"kind": "geometry", "step", "centered", "seconds",
+     "erank", "token_cosine", "relative_residual":        [n_layers + 1] (embedding, block 1..L)
+     "sublayers", "update_ratio", "beta_mean", "beta_frac_negative":  [2 n_layers] (attn, mlp, ...)}
+
+beta entries are null for rules without beta. MetricsLog sends each list entry to wandb as
+its own scalar (`geometry/erank/003`). The probe forward runs without autocast and does not
+touch any RNG, so a run with telemetry trains exactly like one without.
+
+Engines: single, ZeRO and FSDP expose the whole `Transformer` as `engine.model`; every rank
+runs the probe (FSDP / ZeRO-3 gather parameters collectively), the main rank logs. The
+DeepSpeed pipeline holds only its stage's layers and the stream between stages travels
+through DeepSpeed's schedule, so telemetry is a no-op there with a warning (and an
+'event' record).
+
+    python -m megatron_mgt.telemetry RUN_DIR     # erank / cosine heat maps from metrics.jsonl
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from megatron_mgt import plots
+from megatron_mgt.config import Config
+from megatron_mgt.data.loader import eval_batches
+from megatron_mgt.metrics import read_metrics
+from megatron_mgt.model import Transformer
+
+LAYER_KEYS = ("erank", "token_cosine", "relative_residual")
+
+
+def snapshot_record(snap: dict, step: int) -> dict:
+    """A flat 'geometry' record (lists per layer / sublayer) from evaluate.geometry_snapshot."""
+    subs = snap["sublayers"]
+    beta = {name: s.get("beta") for name, s in subs.items()}
+    return {
+        "kind": "geometry",
+        "step": step,
+        "centered": snap["centered"],
+        **{key: snap[key] for key in LAYER_KEYS},
+        "sublayers": list(subs),
+        "update_ratio": [s["update_ratio"] for s in subs.values()],
+        "beta_mean": [b["mean"] if b else None for b in beta.values()],
+        "beta_frac_negative": [b["frac_negative"] if b else None for b in beta.values()],
+    }
+
+
+class GeometryTelemetry:
+    """Call `at(step)` after every optimizer step (and at step 0 of a fresh run)."""
+
+    def __init__(self, cfg: Config, engine, log):
+        self.every, self.center, self.log = cfg.log.geometry_every, cfg.eval.center, log
+        self.model: Transformer | None = None
+        self.probe: torch.Tensor | None = None
+        if not self.every:
+            return
+        reason = None
+        if not isinstance(engine.model, Transformer):
+            reason = f"engine {cfg.parallel.engine} exposes no whole Transformer (pipeline stages hold only their layers)"
+        elif not cfg.data.valid_prefix:
+            reason = "no data.valid_prefix to take the probe batch from"
+        if reason:
+            message = f"geometry telemetry disabled: {reason}"
+            if engine.is_main:
+                warnings.warn(message, stacklevel=2)
+            log.log({"kind": "event", "step": 0, "event": "telemetry_disabled", "reason": message})
+            self.every = 0
+            return
+        self.model = engine.model
+        inputs, _ = next(iter(eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.geometry_batch, 1)))
+        self.probe = inputs.to(engine.device)
+
+    def at(self, step: int) -> dict | None:
+        if not self.every or step % self.every:
+            return None
+        from megatron_mgt.evaluate import geometry_snapshot  # evaluate imports train, which imports us
+
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            snap = geometry_snapshot(self.model, self.probe, self.center)
+        finally:
+            self.model.train(was_training)
+        record = snapshot_record(snap, step)
+        record["seconds"] = time.perf_counter() - t0
+        self.log.log(record)
+        return record
+
+
+def latest_per_step(records: list[dict]) -> list[dict]:
+    """One record per step (the last written: a resumed run may repeat steps), by step."""
+    return [r for _, r in sorted({r["step"]: r for r in records}.items())]
+
+
+def write_heatmaps(metrics_path: Path, out_dir: Path, name: str = "") -> list[Path]:
+    """layer x step heat maps of erank and token cosine from the 'geometry' records of a
+    metrics file; nothing (an empty list) when it has none."""
+    records = latest_per_step(read_metrics(metrics_path, "geometry")) if Path(metrics_path).is_file() else []
+    if not records:
+        return []
+    steps = [r["step"] for r in records]
+    centred = "centred" if records[-1]["centered"] else "uncentred"
+    written = []
+    for key, label in (("erank", f"effective rank / min(T, d) ({centred})"), ("token_cosine", "mean pairwise token cosine")):
+        matrix = [[r[key][layer] for r in records] for layer in range(len(records[-1][key]))]
+        path = Path(out_dir) / f"{key}_heatmap.png"
+        plots.plot_heatmap(matrix, steps, path, f"{key} by layer over training{', ' + name if name else ''}", label)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if args else 2
+    run_dir = Path(args[0])
+    written = write_heatmaps(run_dir / "metrics.jsonl", run_dir / "eval")
+    print("\n".join(map(str, written)) or f"{run_dir}/metrics.jsonl: no geometry records")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Live geometry telemetry: records in metrics.jsonl during a tiny training run."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from megatron_mgt.config import ConfigError, load_config
+from megatron_mgt.metrics import read_metrics, wandb_scalars
+from megatron_mgt.telemetry import GeometryTelemetry, latest_per_step, write_heatmaps
+from megatron_mgt.train import train
+
+LAYERS = 3
+
+
+def run(shards, run_dir, **extra):
+    cfg = load_config(None, tiny_overrides(*shards, run_dir, **extra))
+    result = train(cfg)
+    return cfg, result, read_metrics(run_dir / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("residual, center", [("mgt", True), ("preln", False)])
+def test_geometry_records_during_training(zipf_shards, tmp_path, residual, center):
+    cfg, result, records = run(zipf_shards, tmp_path / "run", **{"log.geometry_every": 2, "model.residual": residual, "eval.center": center})
+    assert result.status == "finished"
+    geo = [r for r in records if r["kind"] == "geometry"]
+    assert [r["step"] for r in geo] == [0, 2, 4, 6, 8]  # step 0 = at init
+    for r in geo:
+        assert r["centered"] is center
+        for key in ("erank", "token_cosine", "relative_residual"):
+            assert len(r[key]) == LAYERS + 1, key
+        assert all(0 < v <= 1 for v in r["erank"])
+        assert all(-1 <= v <= 1 for v in r["token_cosine"])
+        assert all(0 <= v <= 1 + 1e-9 for v in r["relative_residual"])
+        assert r["sublayers"] == [f"layers.{i}.{s}" for i in range(LAYERS) for s in ("attn", "mlp")]
+        assert len(r["update_ratio"]) == 2 * LAYERS and all(v > 0 for v in r["update_ratio"])
+        if residual == "mgt":
+            assert all(math.isfinite(b) for b in r["beta_mean"])
+            assert all(0 <= f <= 1 for f in r["beta_frac_negative"])
+        else:
+            assert r["beta_mean"] == [None] * (2 * LAYERS) and r["beta_frac_negative"] == [None] * (2 * LAYERS)
+        assert r["seconds"] > 0
+    if residual == "mgt":  # beta starts at beta_init everywhere, then moves
+        assert geo[0]["beta_mean"] == pytest.approx([cfg.model.mgt.beta_init] * (2 * LAYERS), abs=1e-6)
+        assert geo[-1]["beta_mean"] != geo[0]["beta_mean"]
+    # wandb gets one scalar per layer; None entries and the flag are left out
+    scalars = wandb_scalars(geo[-1], "geometry")
+    assert "geometry/erank/003" in scalars and "geometry/update_ratio/005" in scalars
+    assert "geometry/centered" not in scalars and ("geometry/beta_mean/000" in scalars) == (residual == "mgt")
+    # the heat maps come from the metrics file alone
+    written = write_heatmaps(tmp_path / "run" / "metrics.jsonl", tmp_path / "plots", residual)
+    assert [p.name for p in written] == ["erank_heatmap.png", "token_cosine_heatmap.png"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
+
+
+def test_telemetry_does_not_change_training(zipf_shards, tmp_path):
+    short = {"train.max_steps": 4, "train.save_every": 0, "train.eval_every": 2}
+    _, _, with_geo = run(zipf_shards, tmp_path / "a", **{"log.geometry_every": 1, **short})
+    _, _, without = run(zipf_shards, tmp_path / "b", **{"log.geometry_every": 0, **short})
+    assert not [r for r in without if r["kind"] == "geometry"]
+    assert len([r for r in with_geo if r["kind"] == "geometry"]) == 5
+    losses = lambda recs: [r["loss"] for r in recs if r["kind"] in ("train", "valid")]  # noqa: E731
+    assert losses(with_geo) == losses(without)
+
+
+def test_resumed_run_does_not_repeat_init_and_heatmap_keeps_last_per_step(zipf_shards, tmp_path):
+    run(zipf_shards, tmp_path / "r", **{"log.geometry_every": 2, "train.exit_at_step": 4})
+    _, result, records = run(zipf_shards, tmp_path / "r", **{"log.geometry_every": 2})
+    assert result.status == "finished"
+    steps = [r["step"] for r in records if r["kind"] == "geometry"]
+    assert steps == [0, 2, 4, 6, 8]
+    dup = [{"step": 2, "v": 1}, {"step": 0, "v": 0}, {"step": 2, "v": 2}]
+    assert latest_per_step(dup) == [{"step": 0, "v": 0}, {"step": 2, "v": 2}]
+
+
+class _Log:
+    def __init__(self):
+        self.records = []
+
+    def log(self, record):
+        self.records.append(record)
+
+
+def test_pipeline_engine_is_a_noop_with_warning(zipf_shards, tmp_path):
+    cfg = load_config(None, tiny_overrides(*zipf_shards, tmp_path, **{"log.geometry_every": 2}))
+    stage = SimpleNamespace(model=torch.nn.Sequential(), is_main=True, device=torch.device("cpu"))
+    log = _Log()
+    with pytest.warns(UserWarning, match="telemetry disabled"):
+        tel = GeometryTelemetry(cfg, stage, log)
+    assert tel.at(0) is None and tel.at(2) is None
+    assert [r["event"] for r in log.records] == ["telemetry_disabled"]
+
+
+def test_geometry_every_validated():
+    with pytest.raises(ConfigError, match="geometry_every"):
+        load_config(None, ["log.geometry_every=-1"])
