@@ -4,9 +4,11 @@ name the key, cross-field validation, and every shipped preset loads."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
+import yaml
 
 from megatron_mgt import config as C
 from megatron_mgt.config import Config, ConfigError, from_dict, load_config, to_dict, validate
@@ -234,6 +236,17 @@ def test_presets_exist():
 
 @pytest.mark.parametrize("preset", PRESETS, ids=[str(p.relative_to(REPO / "configs")) for p in PRESETS])
 def test_shipped_preset_loads(preset):
-    cfg = load_config(preset)
+    spec = yaml.safe_load(preset.read_text())
+    if isinstance(spec, dict) and "experiment" in spec:
+        # an experiment preset (megatron_mgt/experiments): a different schema whose `base`
+        # names a training preset; both must load
+        assert spec.get("base"), f"{preset}: experiment preset without a base training preset"
+        cfg = load_config(preset.parent / spec["base"])
+        if importlib.util.find_spec("megatron_mgt.experiments.common") is not None:
+            from megatron_mgt.experiments.common import load_experiment
+
+            cfg = load_experiment(spec["experiment"], preset).base
+    else:
+        cfg = load_config(preset)
     assert isinstance(cfg, Config)
     assert cfg.model.residual in RESIDUAL_RULES
