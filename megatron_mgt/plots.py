@@ -123,3 +123,54 @@ def plot_heatmap(
     ax.set(xlabel="step", ylabel="layer", title=title)
     fig.colorbar(image, ax=ax, label=cbar_label)
     _save_atomic(fig, path)
+
+
+def plot_series_vs_x(
+    series: Mapping[str, Sequence[tuple[float, float, float]]],
+    path: str | os.PathLike,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = False,
+) -> None:
+    """One line per series of (x, mean, spread) points, spread drawn as error bars (0 or NaN: none)."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for name, points in series.items():
+        points = sorted(p for p in points if np.isfinite(p[1]))
+        if not points:
+            continue
+        x, y, err = (np.array(v, dtype=float) for v in zip(*points))
+        ax.errorbar(x, y, yerr=np.nan_to_num(err), label=name, marker="o", markersize=4, capsize=3, linewidth=1.2)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+    _save_atomic(fig, path)
+
+
+def plot_scatter(
+    groups: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | os.PathLike,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    labels: Mapping[str, Sequence[str]] | None = None,
+) -> None:
+    """Scatter of (x, y) points, one colour per group, optional text label per point."""
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for name, points in groups.items():
+        if not points:
+            continue
+        x, y = (np.array(v, dtype=float) for v in zip(*points))
+        ax.scatter(x, y, label=name, s=18)
+        for (px, py), text in zip(points, (labels or {}).get(name, ())):
+            ax.annotate(text, (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    if groups:
+        ax.legend()
+    _save_atomic(fig, path)

@@ -1,0 +1,5 @@
+import sys
+
+from megatron_mgt.experiments.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""One entry point for the evaluation protocol's runners.
+
+    mgt-experiment NAME --preset configs/experiments/X.yaml [--out DIR] [--pool DIR] [key=value ...]
+
+NAME: rank_evolution | ablation | beta_distribution | depth_scaling | copy_task | edge_of_chaos.
+`grid.key=value` overrides change the experiment's grid (e.g. grid.depths=[12,24]); any
+other `section.key=value` is a training-config override applied to every run. Training
+runs live in the pool (--pool, default from the preset) and are shared between
+experiments; finished runs are skipped, interrupted ones resume. Writes results.json,
+results.md and PNGs into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megatron_mgt.config import ConfigError
+from megatron_mgt.experiments.common import load_experiment
+
+EXPERIMENTS = ("rank_evolution", "ablation", "beta_distribution", "depth_scaling", "copy_task", "edge_of_chaos")
+
+
+def run_experiment(name: str, preset: str, overrides=(), out=None, pool=None) -> dict:
+    """Load the preset, run the grid, write the results; returns the results dict."""
+    if name not in EXPERIMENTS:
+        raise ConfigError(f"unknown experiment '{name}' (one of {list(EXPERIMENTS)})")
+    exp = load_experiment(name, preset, overrides, out=out, pool=pool)
+    module = importlib.import_module(f"megatron_mgt.experiments.{name}")
+    return module.run(exp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mgt-experiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("name", choices=EXPERIMENTS)
+    parser.add_argument("--preset", required=True, help="configs/experiments/*.yaml")
+    parser.add_argument("--out", default=None, help="results directory (default: the preset's `out`)")
+    parser.add_argument("--pool", default=None, help="directory of training runs (default: the preset's `pool`)")
+    parser.add_argument("overrides", nargs="*", help="grid.key=value or section.key=value")
+    args = parser.parse_args(argv)
+    try:
+        run_experiment(args.name, args.preset, args.overrides, out=args.out, pool=args.pool)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"mgt-experiment: error: {err}", file=sys.stderr)
+        return 2
+    print(f"mgt-experiment: wrote {args.out or 'the preset out dir'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""What every protocol runner shares: experiment presets, the run pool, one run end to end.
+
+An experiment preset (configs/experiments/*.yaml) is a small YAML mapping:
+
+    base: base_cpu.yaml            # a training preset (Config), relative to this file
+    out: runs/experiments/NAME     # results.json / results.md / PNGs
+    pool: runs/cpu_pool            # where the training runs live (shared between experiments)
+    overrides: {train.max_steps: 120}   # dotted Config overrides for every run of the grid
+    grid: {variants: [...], depths: [...], seeds: [...], ...}   # read by the runner
+
+A run is named `{residual}_L{layers}_s{seed}[_{tag}]_{hash}`, the hash over every config
+value that differs from the defaults (paths, logging and thread count excluded), so two
+experiments that ask for the same run share it, and a changed setting never reuses a
+stale one. A run is finished when it has a checkpoint at max_steps and eval/eval.json
+(or a `diverged.json` marker); finished runs are skipped, interrupted ones resume
+(train.resume=auto). A per-run lock lets two runners share a pool concurrently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from megatron_mgt import geometry
+from megatron_mgt.checkpoint import complete_checkpoints, find_checkpoint
+from megatron_mgt.config import Config, ConfigError, _merge, _read_yaml, load_config, parse_override, to_dict, validate
+from megatron_mgt.data.loader import eval_batches
+from megatron_mgt.evaluate import evaluate, geometry_snapshot, load_model
+from megatron_mgt.metrics import read_metrics
+from megatron_mgt.model.residual import RESIDUAL_RULES
+from megatron_mgt.train import TrainingDiverged, resolve_device, train
+
+PAPER_VARIANTS = ("preln", "postln", "deepnorm", "mhc", "ddl", "mgt")
+COMPARATORS = ("ddl_rank1", "mhc_nstream")  # used when registered in RESIDUAL_RULES at run time
+# Config keys that do not change what a run computes (excluded from the run hash).
+_VOLATILE = ("train.run_dir", "train.threads", "train.resume", "train.exit_at_step", "train.exit_after_minutes", "train.device", "log.", "data.prepare_default")
+
+
+@dataclass
+class Experiment:
+    """A loaded experiment preset: training config, grid and output locations."""
+
+    name: str
+    base: Config
+    out: Path
+    pool: Path
+    grid: dict = field(default_factory=dict)
+
+
+def load_experiment(name: str, preset: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None, pool: str | Path | None = None) -> Experiment:
+    """Read an experiment preset. Overrides `grid.key=value` change the grid, anything else
+    is a dotted Config override applied to every run."""
+    path = Path(preset)
+    if not path.is_file():
+        raise ConfigError(f"experiment preset not found: {path}")
+    spec = yaml.safe_load(path.read_text()) or {}
+    unknown = set(spec) - {"experiment", "base", "out", "pool", "overrides", "grid"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown experiment keys {sorted(unknown)} (allowed: experiment, base, out, pool, overrides, grid)")
+    if spec.get("experiment", name) != name:
+        raise ConfigError(f"{path} is a preset for experiment '{spec['experiment']}', not '{name}'")
+    cfg = Config()
+    if spec.get("base"):
+        _merge(cfg, _read_yaml(path.parent / spec["base"]), "")
+    grid = dict(spec.get("grid") or {})
+    run_overrides = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in (spec.get("overrides") or {}).items()]
+    for text in list(run_overrides) + list(overrides):
+        if text.startswith("grid."):
+            grid.update(parse_override(text)["grid"])
+        else:
+            _merge(cfg, parse_override(text), "")
+    validate(cfg)
+    return Experiment(
+        name=name,
+        base=cfg,
+        out=Path(out or spec.get("out") or f"runs/experiments/{name}"),
+        pool=Path(pool or spec.get("pool") or "runs/pool"),
+        grid=grid,
+    )
+
+
+def variants_for(requested: Iterable[str]) -> list[str]:
+    """The requested variants that are registered, plus the comparators if 'comparators' is
+    listed and they are registered now (another module may add them at run time)."""
+    out = []
+    for name in requested:
+        if name == "comparators":
+            out += [c for c in COMPARATORS if c in RESIDUAL_RULES]
+        elif name in RESIDUAL_RULES:
+            out.append(name)
+        else:
+            tqdm.write(f"[experiments] variant '{name}' is not registered in RESIDUAL_RULES; skipped")
+    return out
+
+
+def derive(base: Config, changes: Mapping[str, object]) -> Config:
+    """A copy of `base` with dotted `changes` applied and validated."""
+    cfg = Config()
+    _merge(cfg, to_dict(base), "")
+    for key, value in changes.items():
+        _merge(cfg, parse_override(f"{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}"), "")
+    validate(cfg)
+    return cfg
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_key(cfg: Config) -> dict:
+    """The settings that make a run what it is: values that differ from the defaults, minus volatile keys."""
+    defaults = _flatten(to_dict(Config()))
+    return {k: v for k, v in sorted(_flatten(to_dict(cfg)).items()) if defaults.get(k) != v and not k.startswith(_VOLATILE)}
+
+
+def run_name(cfg: Config, tag: str = "") -> str:
+    digest = hashlib.sha1(json.dumps(config_key(cfg), sort_keys=True, default=str).encode()).hexdigest()[:6]
+    m = cfg.model
+    return f"{m.residual}_L{m.n_layers}_s{cfg.train.seed}{'_' + tag if tag else ''}_{digest}"
+
+
+@dataclass
+class RunOutcome:
+    """One run of a grid, as the runners consume it."""
+
+    name: str
+    run_dir: Path
+    cfg: Config
+    status: str  # finished | diverged
+    trained_now: bool
+    eval: dict | None  # eval/eval.json (None if diverged before any checkpoint)
+    info: dict  # run_info.json: wall seconds, tokens, divergence message
+
+    @property
+    def valid_loss(self) -> float:
+        return self.eval["valid"]["loss"] if (self.eval and self.status == "finished") else math.nan
+
+
+def _is_finished(run_dir: Path, cfg: Config) -> bool:
+    if (run_dir / "diverged.json").is_file():
+        return True
+    ckpt = find_checkpoint(run_dir / "checkpoints", "auto")
+    return ckpt is not None and ckpt.name == f"step_{cfg.train.max_steps:08d}" and (run_dir / "eval" / "eval.json").is_file()
+
+
+def ensure_run(cfg: Config, pool: Path, tag: str = "", evolution: bool = False, progress: bool = True) -> RunOutcome:
+    """Train (or resume) and evaluate one run in the pool unless it is finished; with
+    `evolution`, also the geometry of every kept checkpoint (eval/evolution.json)."""
+    name = run_name(cfg, tag)
+    run_dir = pool / name
+    cfg = derive(cfg, {"train.run_dir": str(run_dir), "train.resume": "auto", "log.progress": progress})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trained_now = False
+    with open(pool / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another runner on the same pool waits here
+        if not _is_finished(run_dir, cfg):
+            trained_now = True
+            t0 = time.monotonic()
+            info = _read_json(run_dir / "run_info.json") or {"wall_seconds": 0.0}
+            try:
+                result = train(cfg)
+            except TrainingDiverged as err:
+                info.update(wall_seconds=info["wall_seconds"] + time.monotonic() - t0, diverged=str(err))
+                _write_json(run_dir / "run_info.json", info)
+                _write_json(run_dir / "diverged.json", {"message": str(err)})
+            else:
+                if result.status != "finished":
+                    raise RuntimeError(f"{name}: training stopped early ({result.status}); run the experiment again to resume")
+                info.update(wall_seconds=info["wall_seconds"] + time.monotonic() - t0)
+                info["tokens"] = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len
+                _write_json(run_dir / "run_info.json", info)
+                evaluate(cfg, run_dir)
+        if evolution and not (run_dir / "eval" / "evolution.json").is_file():
+            _write_json(run_dir / "eval" / "evolution.json", checkpoint_evolution(cfg, run_dir))
+    diverged = (run_dir / "diverged.json").is_file()
+    return RunOutcome(
+        name=name,
+        run_dir=run_dir,
+        cfg=cfg,
+        status="diverged" if diverged else "finished",
+        trained_now=trained_now,
+        eval=_read_json(run_dir / "eval" / "eval.json"),
+        info=_read_json(run_dir / "run_info.json") or {},
+    )
+
+
+@torch.no_grad()
+def checkpoint_evolution(cfg: Config, run_dir: Path) -> dict:
+    """Geometry (per-layer erank, token cosine, per-sublayer beta stats) and held-out loss
+    (train.eval_batches batches) at init and at every kept checkpoint."""
+    from megatron_mgt.model import Transformer, lm_loss
+
+    device = resolve_device(cfg.train.device)
+    probe, _ = next(iter(eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.geometry_batch, 1)))
+    probe = probe.to(device)
+
+    def record(model, step: int) -> dict:
+        losses = [lm_loss(model(x.to(device)), y.to(device)).item() for x, y in eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches)]
+        snap = geometry_snapshot(model, probe, cfg.eval.center)
+        return {"step": step, "valid_loss": sum(losses) / len(losses), **snap}
+
+    torch.manual_seed(cfg.train.seed)
+    points = [record(Transformer(cfg.model).to(device).eval(), 0)]
+    for ckpt in complete_checkpoints(run_dir / "checkpoints"):
+        points.append(record(load_model(cfg, ckpt, device), int(ckpt.name.split("_")[1])))
+    return {"centered": cfg.eval.center, "points": points}
+
+
+def train_curve(run_dir: Path) -> list[tuple[int, float]]:
+    path = run_dir / "metrics.jsonl"
+    return [(r["step"], r["loss"]) for r in read_metrics(path, "train")] if path.is_file() else []
+
+
+def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evolution: bool = False) -> list[RunOutcome]:
+    """ensure_run over (config, tag) pairs with a progress bar over runs."""
+    outcomes = []
+    bar = tqdm(specs, desc=desc, unit="run", dynamic_ncols=True)
+    for cfg, tag in bar:
+        bar.set_postfix_str(run_name(cfg, tag))
+        outcomes.append(ensure_run(cfg, pool, tag, evolution=evolution))
+    bar.close()
+    return outcomes
+
+
+def run_summary(o: RunOutcome) -> dict:
+    """The per-run numbers every results.json carries."""
+    geo = (o.eval or {}).get("geometry") or {}
+    init = (o.eval or {}).get("geometry_at_init") or {}
+    curve = train_curve(o.run_dir)
+    return {
+        "run": o.name,
+        "residual": o.cfg.model.residual,
+        "n_layers": o.cfg.model.n_layers,
+        "seed": o.cfg.train.seed,
+        "status": o.status,
+        "valid_loss": o.valid_loss,
+        "final_train_loss": curve[-1][1] if curve and o.status == "finished" else math.nan,
+        "erank_final_layer": geo["erank"][-1] if geo else math.nan,
+        "erank_final_layer_init": init["erank"][-1] if init else math.nan,
+        "erank_min": min(geo["erank"]) if geo else math.nan,
+        "token_cosine_final_layer": geo["token_cosine"][-1] if geo else math.nan,
+        "erank": geo.get("erank"),
+        "erank_init": init.get("erank"),
+        "tokens": o.info.get("tokens"),
+        "wall_seconds": o.info.get("wall_seconds"),
+        "diverged": o.info.get("diverged"),
+    }
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
+    """Mean and sample std (0 for one value) of the finite values, and their count."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    if not vals:
+        return math.nan, math.nan, 0
+    mean = sum(vals) / len(vals)
+    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return mean, std, len(vals)
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return math.nan
+    xs, ys = torch.tensor(pairs, dtype=torch.float64).T
+    xs, ys = xs - xs.mean(), ys - ys.mean()
+    den = (xs.norm() * ys.norm()).item()
+    return (xs @ ys).item() / den if den > 0 else math.nan
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return math.nan
+
+    def ranks(v):
+        t = torch.tensor(v, dtype=torch.float64)
+        order = t.argsort()
+        r = torch.empty_like(t)
+        r[order] = torch.arange(len(v), dtype=torch.float64)
+        for value in t.unique():  # average ties
+            mask = t == value
+            r[mask] = r[mask].mean()
+        return r.tolist()
+
+    a, b = zip(*pairs)
+    return pearson(ranks(list(a)), ranks(list(b)))
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if not math.isfinite(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]], digits: int = 3) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v, digits) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(exp: Experiment, results: dict, markdown: str) -> None:
+    """results.json (with the training config and grid) and results.md into exp.out."""
+    exp.out.mkdir(parents=True, exist_ok=True)
+    results = {"experiment": exp.name, "grid": exp.grid, "base_config": config_key(exp.base), "pool": str(exp.pool), **results}
+    _write_json(exp.out / "results.json", results)
+    tmp = exp.out / ".results.md.tmp"
+    tmp.write_text(markdown)
+    tmp.replace(exp.out / "results.md")
+
+
+def sizes_line(exp: Experiment) -> str:
+    c = exp.base
+    tokens = c.train.max_steps * c.train.micro_batch_size * c.train.grad_accum_steps * c.data.seq_len
+    return (
+        f"d_model={c.model.d_model}, heads={c.model.n_heads}, seq_len={c.data.seq_len}, batch={c.train.micro_batch_size}, "
+        f"steps={c.train.max_steps} ({tokens} tokens/run), lr={c.train.lr}, erank {'centred' if c.eval.center else 'uncentred'}, "
+        f"data={c.data.train_prefix}"
+    )
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True))
+    tmp.replace(path)
+
+
+def _json_default(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+Runner = Callable[[Experiment], dict]
