@@ -7,7 +7,7 @@ rotated every repetition) so that machine noise lands on all of them alike; each
 the median of its timed steps. The CPU peak for MFU is the best fp32 GEMM rate measured
 at the start and at the end of the same run.
 
-    python bench/bench_model.py                       # 12 x d256, 4 heads, vocab 8000, 8 x 256
+    python bench/bench_model.py                       # every registered variant, 12 x d256, 4 heads, vocab 8000, 8 x 256
     python bench/bench_model.py --steps 3 --layers 2 --variants preln,mgt --no-hf
 """
 
