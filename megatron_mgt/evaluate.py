@@ -65,7 +65,8 @@ def perplexity(model: Transformer, cfg: Config, device: torch.device) -> dict:
 
 
 def geometry_snapshot(model: Transformer, tokens: torch.Tensor, center: bool) -> dict:
-    """Per-layer erank / token cosine / relative residual and per-sublayer beta stats."""
+    """Per-layer erank / token cosine / relative residual and per-sublayer beta stats
+    (mhc_nstream: mean diagonal of H_res and its worst column-sum error)."""
     captured = capture_geometry(model, tokens)
     snap = geometry.layer_geometry(captured["hidden"], center)
     snap["sublayers"] = {}
@@ -74,6 +75,10 @@ def geometry_snapshot(model: Transformer, tokens: torch.Tensor, center: bool) ->
         if "beta" in values:
             entry["beta"] = geometry.beta_stats(values["beta"])
             entry["erase"] = geometry.erase_strength(values["alpha"], values["beta"])
+        if "h_res" in values:  # mhc_nstream: how close H_res stays to identity and to doubly stochastic
+            h_res = values["h_res"].double()
+            entry["h_res_diag"] = h_res.diagonal(dim1=-2, dim2=-1).mean().item()
+            entry["h_res_col_err"] = (h_res.sum(dim=-2) - 1).abs().max().item()
         snap["sublayers"][name] = entry
     return snap
 

@@ -9,7 +9,8 @@ place these numbers are computed), a metrics record
      "erank", "token_cosine", "relative_residual":        [n_layers + 1] (embedding, block 1..L)
      "sublayers", "update_ratio", "beta_mean", "beta_frac_negative":  [2 n_layers] (attn, mlp, ...)}
 
-beta entries are null for rules without beta. MetricsLog sends each list entry to wandb as
+beta entries are null for rules without beta; mhc_nstream adds "h_res_diag" and
+"h_res_col_err" [2 n_layers] (mean diagonal of H_res, worst column-sum error after Sinkhorn). MetricsLog sends each list entry to wandb as
 its own scalar (`geometry/erank/003`). The probe forward runs without autocast and does not
 touch any RNG, so a run with telemetry trains exactly like one without.
 
@@ -53,6 +54,7 @@ def snapshot_record(snap: dict, step: int) -> dict:
         "update_ratio": [s["update_ratio"] for s in subs.values()],
         "beta_mean": [b["mean"] if b else None for b in beta.values()],
         "beta_frac_negative": [b["frac_negative"] if b else None for b in beta.values()],
+        **{key: [s.get(key) for s in subs.values()] for key in ("h_res_diag", "h_res_col_err") if any(key in s for s in subs.values())},
     }
 
 

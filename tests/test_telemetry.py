@@ -98,3 +98,19 @@ def test_pipeline_engine_is_a_noop_with_warning(zipf_shards, tmp_path):
 def test_geometry_every_validated():
     with pytest.raises(ConfigError, match="geometry_every"):
         load_config(None, ["log.geometry_every=-1"])
+
+
+def test_nstream_snapshot_record_has_h_res_and_mean_stream_layers():
+    from megatron_mgt.config import ModelConfig
+    from megatron_mgt.evaluate import geometry_snapshot
+    from megatron_mgt.model import Transformer
+    from megatron_mgt.telemetry import snapshot_record
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, residual="mhc_nstream")
+    probe = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    record = snapshot_record(geometry_snapshot(Transformer(cfg), probe, True), step=0)
+    assert len(record["erank"]) == 3 and len(record["h_res_diag"]) == 4
+    assert all(0.9 < v < 1 for v in record["h_res_diag"])  # res_diag_init 0.95
+    assert all(0 <= v < 5e-4 for v in record["h_res_col_err"])
+    assert "h_res_diag" not in snapshot_record(geometry_snapshot(Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, residual="preln")), probe, True), 0)

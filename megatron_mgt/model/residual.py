@@ -300,7 +300,9 @@ class NStreamMHC(ResidualRule):
 
     def update(self, x, sublayer):
         xs = x.unflatten(-1, (self.n, self.d))  # [B, T, n, d]
-        h_pre, h_post, h_res = (h.to(x.dtype) for h in self.mappings(x))
+        h_pre, h_post, h_res = self.mappings(x)
+        self.record(h_res=h_res)
+        h_pre, h_post, h_res = (h.to(x.dtype) for h in (h_pre, h_post, h_res))
         u = sublayer(self.norm(torch.einsum("...i,...id->...d", h_pre, xs)))
         out = torch.einsum("...ij,...jd->...id", h_res, xs) + h_post.unsqueeze(-1) * u.unsqueeze(-2)
         return out.flatten(-2)
