@@ -135,3 +135,19 @@ def test_edge_of_chaos(micro):
     assert [r["point"] for r in results["table"]] == ["reference", "beta_init=0.3"]
     assert all(math.isfinite(r["angle_exponent"]) and math.isfinite(r["gradient_exponent"]) for r in results["table"])
     assert len(results["init_grid"]) == 2
+
+
+def test_shipped_presets_load():
+    from pathlib import Path
+
+    from megatron_mgt.experiments.cli import EXPERIMENTS
+    from megatron_mgt.experiments.common import load_experiment
+
+    presets = sorted(Path("configs/experiments").glob("*_[cg]pu.yaml"))
+    names = [p.name for p in presets if not p.name.startswith("base_")]
+    assert {f"{e}_{size}.yaml" for e in EXPERIMENTS for size in ("cpu", "gpu")} <= set(names)
+    for path in presets:
+        if path.name.startswith("base_"):
+            continue
+        exp = load_experiment(path.name.rsplit("_", 1)[0], path)
+        assert exp.grid and exp.pool and exp.out

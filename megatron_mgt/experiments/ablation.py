@@ -32,9 +32,11 @@ def run(exp: Experiment) -> dict:
     depth = int(g.get("depth", exp.base.model.n_layers))
     seeds = [int(s) for s in g.get("seeds", [exp.base.train.seed])]
     base = g.get("base", "preln")
-    specs = [(derive(exp.base, {"model.residual": v, "model.n_layers": depth, "train.seed": s}), "") for s in seeds for v in variants]
+    core = [v for v in (base, "mhc", "ddl", "mgt") if v in variants]  # the synergy runs first, every seed, then the rest
+    order = [(s, v) for s in seeds for v in core] + [(s, v) for s in seeds for v in variants if v not in core]
+    specs = [(derive(exp.base, {"model.residual": v, "model.n_layers": depth, "train.seed": s}), "") for s, v in order]
     outcomes = run_grid(specs, exp.pool, "ablation")
-    runs = [run_summary(o) for o in outcomes]
+    runs = sorted((run_summary(o) for o in outcomes), key=lambda r: (variants.index(r["residual"]), r["seed"]))
     loss = {(r["residual"], r["seed"]): r["valid_loss"] for r in runs}
 
     table = []
@@ -60,7 +62,7 @@ def run(exp: Experiment) -> dict:
     out = exp.out
     out.mkdir(parents=True, exist_ok=True)
     first = seeds[0]
-    plots.plot_loss_curves({r["residual"]: train_curve(o.run_dir) for r, o in zip(runs, outcomes) if r["seed"] == first},
+    plots.plot_loss_curves({o.cfg.model.residual: train_curve(o.run_dir) for o in outcomes if o.cfg.train.seed == first},
                            out / "train_loss.png", f"training loss, {depth} layers, seed {first}")
     plots.plot_erank_vs_depth({r["residual"]: r["erank"] for r in runs if r["seed"] == first and r["erank"]},
                               out / "erank_by_layer.png", f"effective rank by layer after training ({'centred' if exp.base.eval.center else 'uncentred'}), seed {first}")

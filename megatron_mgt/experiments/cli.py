@@ -1,6 +1,6 @@
 """One entry point for the evaluation protocol's runners.
 
-    mgt-experiment NAME --preset configs/experiments/X.yaml [--out DIR] [--pool DIR] [key=value ...]
+    mgt-experiment NAME --preset configs/experiments/X.yaml [--out DIR] [--pool DIR] [--report-only] [key=value ...]
 
 NAME: rank_evolution | ablation | beta_distribution | depth_scaling | copy_task | edge_of_chaos.
 `grid.key=value` overrides change the experiment's grid (e.g. grid.depths=[12,24]); any
@@ -17,6 +17,7 @@ import importlib
 import sys
 
 from megatron_mgt.config import ConfigError
+from megatron_mgt.experiments import common
 from megatron_mgt.experiments.common import load_experiment
 
 EXPERIMENTS = ("rank_evolution", "ablation", "beta_distribution", "depth_scaling", "copy_task", "edge_of_chaos")
@@ -37,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", required=True, help="configs/experiments/*.yaml")
     parser.add_argument("--out", default=None, help="results directory (default: the preset's `out`)")
     parser.add_argument("--pool", default=None, help="directory of training runs (default: the preset's `pool`)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the grid's finished runs (e.g. at a deadline)")
     parser.add_argument("overrides", nargs="*", help="grid.key=value or section.key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    common.REPORT_ONLY = args.report_only
     try:
         run_experiment(args.name, args.preset, args.overrides, out=args.out, pool=args.pool)
     except (ConfigError, FileNotFoundError) as err:

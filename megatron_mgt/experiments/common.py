@@ -161,12 +161,15 @@ def _is_finished(run_dir: Path, cfg: Config) -> bool:
     return ckpt is not None and ckpt.name == f"step_{cfg.train.max_steps:08d}" and (run_dir / "eval" / "eval.json").is_file()
 
 
-def ensure_run(cfg: Config, pool: Path, tag: str = "", evolution: bool = False, progress: bool = True) -> RunOutcome:
+def ensure_run(cfg: Config, pool: Path, tag: str = "", evolution: bool = False, progress: bool = True, report_only: bool = False) -> RunOutcome:
     """Train (or resume) and evaluate one run in the pool unless it is finished; with
-    `evolution`, also the geometry of every kept checkpoint (eval/evolution.json)."""
+    `evolution`, also the geometry of every kept checkpoint (eval/evolution.json). With
+    `report_only`, an unfinished run is not trained and comes back with status 'missing'."""
     name = run_name(cfg, tag)
     run_dir = pool / name
     cfg = derive(cfg, {"train.run_dir": str(run_dir), "train.resume": "auto", "log.progress": progress})
+    if report_only and not _is_finished(run_dir, cfg):
+        return RunOutcome(name=name, run_dir=run_dir, cfg=cfg, status="missing", trained_now=False, eval=None, info={})
     run_dir.mkdir(parents=True, exist_ok=True)
     trained_now = False
     with open(pool / f".{name}.lock", "w") as lock:
@@ -229,13 +232,21 @@ def train_curve(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(path, "train")] if path.is_file() else []
 
 
+REPORT_ONLY = False  # set by `mgt-experiment --report-only`: tabulate finished runs, train nothing
+
+
 def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evolution: bool = False) -> list[RunOutcome]:
-    """ensure_run over (config, tag) pairs with a progress bar over runs."""
+    """ensure_run over (config, tag) pairs with a progress bar over runs. In report-only
+    mode, runs that are not finished are left out (with a note)."""
     outcomes = []
     bar = tqdm(specs, desc=desc, unit="run", dynamic_ncols=True)
     for cfg, tag in bar:
         bar.set_postfix_str(run_name(cfg, tag))
-        outcomes.append(ensure_run(cfg, pool, tag, evolution=evolution))
+        outcome = ensure_run(cfg, pool, tag, evolution=evolution, report_only=REPORT_ONLY)
+        if outcome.status == "missing":
+            tqdm.write(f"[{desc}] {outcome.name}: not finished, left out (report-only)")
+        else:
+            outcomes.append(outcome)
     bar.close()
     return outcomes
 

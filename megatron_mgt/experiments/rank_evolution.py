@@ -58,7 +58,8 @@ def run(exp: Experiment) -> dict:
             loss, _, _ = mean_std([r["valid_loss"] for r in mine])
             row = {"variant": v, "depth": d, "erank_last_init": init, "erank_last_trained": final, "erank_last_trained_std": final_sd,
                    "erank_min_trained": lowest, "token_cosine_last_trained": cos, "valid_loss": loss,
-                   "erank_last_by_step": {p["step"]: mean_std([r["evolution"][i]["erank"][-1] for r in mine])[0] for i, p in enumerate(mine[0]["evolution"])} if mine else {}}
+                   "erank_last_by_step": {step: mean_std([p["erank"][-1] for r in mine for p in r["evolution"] if p["step"] == step])[0]
+                                          for step in sorted({p["step"] for r in mine for p in r["evolution"]})}}
             table.append(row)
     md = f"# rank_evolution\n\n{sizes_line(exp)}; depths {depths}; seeds {seeds}. Effective rank is {centred} (X - 1 xbar^T), normalised by min(T, d) = {min(exp.base.data.seq_len, exp.base.model.d_model)}.\n\n"
     steps = sorted({int(k) for row in table for k in row["erank_last_by_step"]})
