@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: {SHAPES[name]} layers, {args.steps} steps, telemetry every {args.every}, {args.repeats} repeats", flush=True)
             results.append(bench_shape(name, shards, tmp, args.steps, args.every, args.repeats, args.residual))
     print(f"\nload average at the end: {os.getloadavg()}")
-    print(f"{'shape':12s} {'wall with':>10s} {'wall w/o':>10s} {'end-to-end':>11s} {'snapshot s':>11s} {'step s':>8s} {'@K':>8s} {'@K=100':>8s}")
+    print(
+        f"{'shape':12s} {'wall with':>10s} {'wall w/o':>10s} {'end-to-end':>11s} {'snapshot s':>11s} {'step s':>8s} {'@K':>8s} {'@K=100':>8s}"
+    )
     for r in results:
         print(
             f"{r['shape']:12s} {statistics.median(r['wall_with_s']):10.2f} {statistics.median(r['wall_without_s']):10.2f} "

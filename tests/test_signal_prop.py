@@ -61,5 +61,8 @@ def test_runs_for_every_variant(residual):
 
 
 def test_cli_prints_json(capsys):
-    assert main(["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "data.seq_len=16", "model.max_seq_len=16", "model.vocab_size=64"]) == 0
+    assert (
+        main(["model.n_layers=2", "model.d_model=32", "model.n_heads=2", "data.seq_len=16", "model.max_seq_len=16", "model.vocab_size=64"])
+        == 0
+    )
     assert '"gradient_exponent"' in capsys.readouterr().out

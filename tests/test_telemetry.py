@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import tiny_overrides
 from megatron_mgt.config import ConfigError, load_config
 from megatron_mgt.metrics import read_metrics, wandb_scalars
 from megatron_mgt.telemetry import GeometryTelemetry, latest_per_step, write_heatmaps
 from megatron_mgt.train import train
+from tests.conftest import tiny_overrides
 
 LAYERS = 3
 
@@ -25,7 +25,9 @@ def run(shards, run_dir, **extra):
 
 @pytest.mark.parametrize("residual, center", [("mgt", True), ("preln", False)])
 def test_geometry_records_during_training(zipf_shards, tmp_path, residual, center):
-    cfg, result, records = run(zipf_shards, tmp_path / "run", **{"log.geometry_every": 2, "model.residual": residual, "eval.center": center})
+    cfg, result, records = run(
+        zipf_shards, tmp_path / "run", **{"log.geometry_every": 2, "model.residual": residual, "eval.center": center}
+    )
     assert result.status == "finished"
     geo = [r for r in records if r["kind"] == "geometry"]
     assert [r["step"] for r in geo] == [0, 2, 4, 6, 8]  # step 0 = at init
@@ -113,4 +115,9 @@ def test_nstream_snapshot_record_has_h_res_and_mean_stream_layers():
     assert len(record["erank"]) == 3 and len(record["h_res_diag"]) == 4
     assert all(0.9 < v < 1 for v in record["h_res_diag"])  # res_diag_init 0.95
     assert all(0 <= v < 5e-4 for v in record["h_res_col_err"])
-    assert "h_res_diag" not in snapshot_record(geometry_snapshot(Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, residual="preln")), probe, True), 0)
+    assert "h_res_diag" not in snapshot_record(
+        geometry_snapshot(
+            Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, residual="preln")), probe, True
+        ),
+        0,
+    )
