@@ -57,7 +57,9 @@ def train_steps(run: Path) -> list[tuple[int, float]]:
 def test_wrapper_runs_two_processes(zipf_shards, tmp_path, script, engine):
     run = tmp_path / "run"
     tiny = tiny_overrides(
-        *zipf_shards, run, **{"model.n_layers": 4, "train.max_steps": 4, "train.grad_accum_steps": 2, "train.device": "cpu"}
+        *zipf_shards,
+        run,
+        **{"model.n_layers": 4, "train.max_steps": 4, "train.grad_accum_steps": 2, "train.device": "cpu", "log.geometry_every": 0},
     )
     # The 200-layer preset, cut down by overrides; the engine is chosen on the command line.
     result = run_wrapper(script, ["configs/mgt_200l.yaml", *engine, "model.max_seq_len=32", "train.precision=fp32"], tiny)
