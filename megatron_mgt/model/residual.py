@@ -70,8 +70,10 @@ class ResidualRule(nn.Module):
         return out
 
     def record(self, **tensors: torch.Tensor) -> None:
+        """Keep copies: a recorded parameter (alpha) must not alias storage that an optimizer
+        step updates in place or that FSDP frees after the forward (reading it then crashes)."""
         if self.capture:
-            self.captured.update({k: v.detach() for k, v in tensors.items()})
+            self.captured.update({k: v.detach().clone() for k, v in tensors.items()})
 
 
 class PreLN(ResidualRule):
