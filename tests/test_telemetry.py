@@ -75,6 +75,12 @@ def test_resumed_run_does_not_repeat_init_and_heatmap_keeps_last_per_step(zipf_s
     assert result.status == "finished"
     steps = [r["step"] for r in records if r["kind"] == "geometry"]
     assert steps == [0, 2, 4, 6, 8]
+    # mgt-eval writes the layer x step heat maps next to its own plots
+    from megatron_mgt.evaluate import evaluate
+
+    evaluate(load_config(tmp_path / "r" / "config.yaml"), tmp_path / "r")
+    for png in ("erank_heatmap.png", "token_cosine_heatmap.png", "erank_vs_depth.png"):
+        assert (tmp_path / "r" / "eval" / png).read_bytes()[:4] == b"\x89PNG"
     dup = [{"step": 2, "v": 1}, {"step": 0, "v": 0}, {"step": 2, "v": 2}]
     assert latest_per_step(dup) == [{"step": 0, "v": 0}, {"step": 2, "v": 2}]
 
