@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 PRESET=$1; shift
 PY=${MGT_PYTHON:-}
 if [ -z "$PY" ]; then
-  for cand in "${MGT_VENV:-.venv}/bin/python" /work/venv/bin/python; do [ -x "$cand" ] && { PY=$cand; break; }; done
+  cand="${MGT_VENV:-.venv}/bin/python"; [ -x "$cand" ] && PY=$cand
   PY=${PY:-python3}
 fi
 gpu_count() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 0; }
