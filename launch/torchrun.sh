@@ -15,7 +15,11 @@ if [ -z "$PY" ]; then
   cand="${MGT_VENV:-.venv}/bin/python"; [ -x "$cand" ] && PY=$cand
   PY=${PY:-python3}
 fi
-gpu_count() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 0; }
+gpu_count() {  # GPUs listed by nvidia-smi; 0 without a driver
+  local n=0
+  command -v nvidia-smi >/dev/null 2>&1 && n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+  echo "${n:-0}"
+}
 NPROC=${NPROC:-$(gpu_count)}
 [ "$NPROC" -ge 1 ] 2>/dev/null || NPROC=1
 EXTRA=()
