@@ -15,6 +15,7 @@ from megatron_mgt.train import train
 from tests.conftest import tiny_overrides
 
 LAYERS = 3
+BETA = ("mgt", "ddl_rank1")  # rules with a beta
 
 
 def run(shards, run_dir, **extra):
@@ -23,7 +24,7 @@ def run(shards, run_dir, **extra):
     return cfg, result, read_metrics(run_dir / "metrics.jsonl")
 
 
-@pytest.mark.parametrize("residual, center", [("mgt", True), ("preln", False)])
+@pytest.mark.parametrize("residual, center", [("mgt", True), ("preln", False), ("ddl_rank1", True), ("mhc_nstream", True)])
 def test_geometry_records_during_training(zipf_shards, tmp_path, residual, center):
     cfg, result, records = run(
         zipf_shards, tmp_path / "run", **{"log.geometry_every": 2, "model.residual": residual, "eval.center": center}
@@ -40,19 +41,21 @@ def test_geometry_records_during_training(zipf_shards, tmp_path, residual, cente
         assert all(0 <= v <= 1 + 1e-9 for v in r["relative_residual"])
         assert r["sublayers"] == [f"layers.{i}.{s}" for i in range(LAYERS) for s in ("attn", "mlp")]
         assert len(r["update_ratio"]) == 2 * LAYERS and all(v > 0 for v in r["update_ratio"])
-        if residual == "mgt":
+        if residual in BETA:
             assert all(math.isfinite(b) for b in r["beta_mean"])
             assert all(0 <= f <= 1 for f in r["beta_frac_negative"])
         else:
             assert r["beta_mean"] == [None] * (2 * LAYERS) and r["beta_frac_negative"] == [None] * (2 * LAYERS)
         assert r["seconds"] > 0
-    if residual == "mgt":  # beta starts at beta_init everywhere, then moves
-        assert geo[0]["beta_mean"] == pytest.approx([cfg.model.mgt.beta_init] * (2 * LAYERS), abs=1e-6)
+    if residual in BETA:  # beta starts at beta_init everywhere, then moves
+        beta_init = cfg.model.mgt.beta_init if residual == "mgt" else cfg.model.ddl_rank1.beta_init
+        assert geo[0]["beta_mean"] == pytest.approx([beta_init] * (2 * LAYERS), abs=1e-6)
         assert geo[-1]["beta_mean"] != geo[0]["beta_mean"]
     # wandb gets one scalar per layer; None entries and the flag are left out
     scalars = wandb_scalars(geo[-1], "geometry")
     assert "geometry/erank/003" in scalars and "geometry/update_ratio/005" in scalars
-    assert "geometry/centered" not in scalars and ("geometry/beta_mean/000" in scalars) == (residual == "mgt")
+    assert "geometry/centered" not in scalars and ("geometry/beta_mean/000" in scalars) == (residual in BETA)
+    assert ("h_res_diag" in geo[-1]) == (residual == "mhc_nstream")
     # the heat maps come from the metrics file alone
     written = write_heatmaps(tmp_path / "run" / "metrics.jsonl", tmp_path / "plots", residual)
     assert [p.name for p in written] == ["erank_heatmap.png", "token_cosine_heatmap.png"]
