@@ -163,7 +163,7 @@ def test_nstream_update_matches_formula():
             z = phi @ xp
             h_pre = torch.sigmoid(a_pre * z[:n] + rule.b_pre.detach().double())
             h_post = 2 * torch.sigmoid(a_post * z[n : 2 * n] + rule.b_post.detach().double())
-            m = torch.exp(a_res * z[2 * n :].reshape(n, n) + rule.b_res.detach().double())
+            m = torch.exp(a_res * z[2 * n :].reshape(n, n) + rule.b_res.detach().double().reshape(n, n))
             for _ in range(20):
                 m = m / m.sum(0, keepdim=True)  # columns
                 m = m / m.sum(1, keepdim=True)  # rows
@@ -192,6 +192,15 @@ def test_nstream_mappings_at_init():
     # measured worst 2.0e-4, mean 3.7e-5 over 10^4 tokens at a = 0.01)
     torch.testing.assert_close(h_res.sum(-1), torch.ones(B, T, n), atol=1e-6, rtol=0)
     torch.testing.assert_close(h_res.sum(-2), torch.ones(B, T, n), atol=5e-4, rtol=0)
+
+
+def test_nstream_gate_parameters_have_no_weight_decay():
+    from megatron_mgt.engine.single import param_groups
+
+    rule = NStreamMHC(tiny("mhc_nstream"))
+    decay, no_decay = (set(map(id, g["params"])) for g in param_groups(rule, 0.1))
+    assert id(rule.phi.weight) in decay
+    assert {id(p) for p in (rule.a_pre, rule.a_post, rule.a_res, rule.b_pre, rule.b_post, rule.b_res)} <= no_decay
 
 
 def test_nstream_near_identity_at_init():

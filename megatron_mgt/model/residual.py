@@ -264,7 +264,7 @@ class NStreamMHC(ResidualRule):
     F keeps its pre-norm LN (as in preln). phi ~ N(0, 1/(n d)) so x' phi is O(1); a_* start
     at `gate_init`. b_pre = logit(1/n) (the input starts as the stream mean), b_post = 0
     (H_post = 1), b_res = log of a doubly stochastic matrix with diagonal `res_diag_init`,
-    so H_res starts near identity. expand replicates the embedding n times; collapse is
+    so H_res starts near identity; a, b are 0-/1-dim parameters (no weight decay). expand replicates the embedding n times; collapse is
     the mean of the streams. With a = 0 the model is exactly preln (up to LN eps).
     """
 
@@ -280,7 +280,9 @@ class NStreamMHC(ResidualRule):
         self.b_post = nn.Parameter(torch.zeros(n))
         p = knobs.res_diag_init if n > 1 else 1.0
         off = math.log((1 - p) / (n - 1)) if n > 1 else 0.0
-        self.b_res = nn.Parameter(torch.full((n, n), off).fill_diagonal_(math.log(p)))
+        # stored flat ([n*n], viewed as n x n) so it is a no-weight-decay parameter like every bias:
+        # decay would pull H_res from identity toward the uniform 1/n mixing
+        self.b_res = nn.Parameter(torch.full((n, n), off).fill_diagonal_(math.log(p)).flatten())
 
     @staticmethod
     def expand(x: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -297,7 +299,7 @@ class NStreamMHC(ResidualRule):
         p_pre, p_post, p_res = F.linear(xn, self.phi.weight.float()).split([n, n, n * n], dim=-1)
         h_pre = torch.sigmoid(self.a_pre * p_pre + self.b_pre)
         h_post = 2 * torch.sigmoid(self.a_post * p_post + self.b_post)
-        h_res = sinkhorn(self.a_res * p_res.unflatten(-1, (n, n)) + self.b_res, self.iters)
+        h_res = sinkhorn(self.a_res * p_res.unflatten(-1, (n, n)) + self.b_res.view(n, n), self.iters)
         return h_pre, h_post, h_res
 
     def update(self, x, sublayer):
