@@ -81,6 +81,9 @@ class GeometryTelemetry:
             return
         self.model = engine.model
         inputs, _ = next(iter(eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.geometry_batch, 1)))
+        top = int(inputs.max())
+        if top >= cfg.model.vocab_size:  # the same clear error as the trainer's batch check, before any forward
+            raise ValueError(f"{cfg.data.valid_prefix}: token id {top} does not fit model.vocab_size={cfg.model.vocab_size} (was the shard made with another tokenizer?)")
         self.probe = inputs.to(engine.device)
 
     def at(self, step: int) -> dict | None:
