@@ -113,7 +113,7 @@ def run(exp: Experiment) -> dict:
     plots.plot_series_vs_x({v: [(r["depth"], r["copy_accuracy"], r["copy_accuracy_std"]) for r in table if r["variant"] == v] for v in variants},
                            out / "copy_accuracy_vs_depth.png", f"copy accuracy on the copied half (n={n}, {symbols} symbols; chance {1 / symbols:.3f})",
                            "layers", "accuracy", logx=True)
-    md = f"# copy_task\n\n{sizes_line(exp)} (seq_len and vocab replaced by the task: n = {n} symbols copied, alphabet {symbols}, seq_len {seq}); " \
+    md = f"# copy_task\n\n{sizes_line(exp, seq)} (task data: n = {n} symbols copied, alphabet {symbols}, vocab {symbols + 3}); " \
          f"depths {depths}; seeds {seeds}. Chance accuracy {1 / symbols:.3f}.\n\n"
     md += markdown_table(["variant", "layers", "copy accuracy", "+-", "exact copies", "valid loss", "erank last", "diverged"],
                          [[r["variant"], r["depth"], r["copy_accuracy"], r["copy_accuracy_std"], r["exact_copy"], r["valid_loss"], r["erank_final"], r["diverged"]] for r in table])

@@ -55,16 +55,17 @@ def run(exp: Experiment) -> dict:
             final, final_sd, _ = mean_std([r["evolution"][-1]["erank"][-1] if r["status"] == "finished" else float("nan") for r in mine])
             lowest, _, _ = mean_std([min(r["evolution"][-1]["erank"]) for r in mine])
             cos, _, _ = mean_std([r["evolution"][-1]["token_cosine"][-1] for r in mine])
+            rel, _, _ = mean_std([r["evolution"][-1]["relative_residual"][-1] for r in mine])
             loss, _, _ = mean_std([r["valid_loss"] for r in mine])
             row = {"variant": v, "depth": d, "erank_last_init": init, "erank_last_trained": final, "erank_last_trained_std": final_sd,
-                   "erank_min_trained": lowest, "token_cosine_last_trained": cos, "valid_loss": loss,
+                   "erank_min_trained": lowest, "token_cosine_last_trained": cos, "relative_residual_last_trained": rel, "valid_loss": loss,
                    "erank_last_by_step": {step: mean_std([p["erank"][-1] for r in mine for p in r["evolution"] if p["step"] == step])[0]
                                           for step in sorted({p["step"] for r in mine for p in r["evolution"]})}}
             table.append(row)
     md = f"# rank_evolution\n\n{sizes_line(exp)}; depths {depths}; seeds {seeds}. Effective rank is {centred} (X - 1 xbar^T), normalised by min(T, d) = {min(exp.base.data.seq_len, exp.base.model.d_model)}.\n\n"
     steps = sorted({int(k) for row in table for k in row["erank_last_by_step"]})
-    md += markdown_table(["variant", "layers", "valid loss", *[f"erank last @ {s}" for s in steps], "min over layers (trained)", "token cos last (trained)"],
-                         [[r["variant"], r["depth"], r["valid_loss"], *[r["erank_last_by_step"].get(s, float("nan")) for s in steps], r["erank_min_trained"], r["token_cosine_last_trained"]] for r in table])
+    md += markdown_table(["variant", "layers", "valid loss", *[f"erank last @ {s}" for s in steps], "min over layers (trained)", "token cos last (trained)", "rel. residual last (trained)"],
+                         [[r["variant"], r["depth"], r["valid_loss"], *[r["erank_last_by_step"].get(s, float("nan")) for s in steps], r["erank_min_trained"], r["token_cosine_last_trained"], r["relative_residual_last_trained"]] for r in table])
     md += "".join(f"\n![init](erank_init_L{d}.png)\n![trained](erank_trained_L{d}.png)\n![last vs step](erank_last_vs_step_L{d}.png)\n" for d in depths)
     results = {"centered": exp.base.eval.center, "table": table, "runs": runs}
     write_results(exp, results, md)
