@@ -140,7 +140,7 @@ def plot_series_vs_x(
         points = sorted(p for p in points if np.isfinite(p[1]))
         if not points:
             continue
-        x, y, err = (np.array(v, dtype=float) for v in zip(*points))
+        x, y, err = (np.array(v, dtype=float) for v in zip(*points, strict=True))
         ax.errorbar(x, y, yerr=np.nan_to_num(err), label=name, marker="o", markersize=4, capsize=3, linewidth=1.2)
     if logx:
         ax.set_xscale("log")
@@ -165,9 +165,9 @@ def plot_scatter(
     for name, points in groups.items():
         if not points:
             continue
-        x, y = (np.array(v, dtype=float) for v in zip(*points))
+        x, y = (np.array(v, dtype=float) for v in zip(*points, strict=True))
         ax.scatter(x, y, label=name, s=18)
-        for (px, py), text in zip(points, (labels or {}).get(name, ())):
+        for (px, py), text in zip(points, (labels or {}).get(name, ()), strict=False):
             ax.annotate(text, (px, py), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)

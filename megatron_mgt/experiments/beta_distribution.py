@@ -18,7 +18,18 @@ import json
 import math
 
 from megatron_mgt import plots
-from megatron_mgt.experiments.common import Experiment, derive, markdown_table, mean_std, run_grid, run_summary, sizes_line, spearman, variants_for, write_results
+from megatron_mgt.experiments.common import (
+    Experiment,
+    derive,
+    markdown_table,
+    mean_std,
+    run_grid,
+    run_summary,
+    sizes_line,
+    spearman,
+    variants_for,
+    write_results,
+)
 
 
 def layer_beta(sublayers: dict, n_layers: int, key: str) -> list[float]:
@@ -73,7 +84,7 @@ def run(exp: Experiment) -> dict:
         summary.update(over_steps=over_steps, final=final, sublayer_beta_final={k: v["beta"] for k, v in points[-1]["sublayers"].items() if "beta" in v})
         runs.append(summary)
         label = f"{o.cfg.model.residual} L{d} s{o.cfg.train.seed}"
-        scatter[label] = list(zip(final["frac_negative_by_layer"], points[-1]["erank"][1:]))
+        scatter[label] = list(zip(final["frac_negative_by_layer"], points[-1]["erank"][1:], strict=True))
         if o.cfg.train.seed == seeds[0]:
             tag = f"{o.cfg.model.residual}_L{d}"
             plots.plot_beta_by_layer(list(summary["sublayer_beta_final"].values()), out / f"beta_by_sublayer_{tag}.png",

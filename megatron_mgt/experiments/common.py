@@ -32,9 +32,8 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from megatron_mgt import geometry
 from megatron_mgt.checkpoint import complete_checkpoints, find_checkpoint
-from megatron_mgt.config import Config, ConfigError, _merge, _read_yaml, load_config, parse_override, to_dict, validate
+from megatron_mgt.config import Config, ConfigError, _merge, _read_yaml, parse_override, to_dict, validate
 from megatron_mgt.data.loader import eval_batches
 from megatron_mgt.evaluate import evaluate, geometry_snapshot, load_model
 from megatron_mgt.metrics import read_metrics
@@ -287,7 +286,7 @@ def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    pairs = [(a, b) for a, b in zip(x, y, strict=True) if math.isfinite(a) and math.isfinite(b)]
     if len(pairs) < 3:
         return math.nan
     xs, ys = torch.tensor(pairs, dtype=torch.float64).T
@@ -297,7 +296,7 @@ def pearson(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    pairs = [(a, b) for a, b in zip(x, y, strict=True) if math.isfinite(a) and math.isfinite(b)]
     if len(pairs) < 3:
         return math.nan
 
@@ -311,7 +310,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
             r[mask] = r[mask].mean()
         return r.tolist()
 
-    a, b = zip(*pairs)
+    a, b = zip(*pairs, strict=True)
     return pearson(ranks(list(a)), ranks(list(b)))
 
 

@@ -28,7 +28,17 @@ from megatron_mgt.config import Config
 from megatron_mgt.data.indexed import IndexedDatasetWriter, bin_path, idx_path
 from megatron_mgt.data.loader import eval_batches
 from megatron_mgt.evaluate import load_model
-from megatron_mgt.experiments.common import Experiment, derive, markdown_table, mean_std, run_grid, run_summary, sizes_line, variants_for, write_results
+from megatron_mgt.experiments.common import (
+    Experiment,
+    derive,
+    markdown_table,
+    mean_std,
+    run_grid,
+    run_summary,
+    sizes_line,
+    variants_for,
+    write_results,
+)
 from megatron_mgt.train import resolve_device
 
 PAD, SEP, END = 0, 1, 2  # symbols are 3 .. 3 + symbols - 1

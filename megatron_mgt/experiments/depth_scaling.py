@@ -10,7 +10,17 @@ and seed spread of the held-out loss and of the final-layer normalised effective
 from __future__ import annotations
 
 from megatron_mgt import plots
-from megatron_mgt.experiments.common import Experiment, derive, markdown_table, mean_std, run_grid, run_summary, sizes_line, variants_for, write_results
+from megatron_mgt.experiments.common import (
+    Experiment,
+    derive,
+    markdown_table,
+    mean_std,
+    run_grid,
+    run_summary,
+    sizes_line,
+    variants_for,
+    write_results,
+)
 
 
 def run(exp: Experiment) -> dict:

@@ -20,7 +20,19 @@ import torch
 
 from megatron_mgt import geometry, plots
 from megatron_mgt.config import Config
-from megatron_mgt.experiments.common import Experiment, derive, markdown_table, mean_std, pearson, run_grid, run_summary, sizes_line, spearman, write_results
+from megatron_mgt.experiments.common import (
+    Experiment,
+    derive,
+    markdown_table,
+    mean_std,
+    pearson,
+    run_grid,
+    run_name,
+    run_summary,
+    sizes_line,
+    spearman,
+    write_results,
+)
 
 
 def exponents_at_init(cfg: Config) -> dict:
@@ -68,9 +80,11 @@ def run(exp: Experiment) -> dict:
             points.append(point)
     outcomes = run_grid(specs, exp.pool, "edge_of_chaos")
     runs = []
-    for point, (cfg, _), o in zip(points, specs, outcomes):
+    point_of = {run_name(cfg, tag): point for (cfg, tag), point in zip(specs, points, strict=True)}
+    for o in outcomes:  # in report-only mode, unfinished points are missing
+        point = point_of[o.name]
         summary = run_summary(o)
-        summary.update(point=point, tag=_tag(point), knobs=dict(vars(cfg.model.mgt)), **exponents_at_init(cfg))
+        summary.update(point=point, tag=_tag(point), knobs=dict(vars(o.cfg.model.mgt)), **exponents_at_init(o.cfg))
         runs.append(summary)
     rows = []
     for point in sweep:

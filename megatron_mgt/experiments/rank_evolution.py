@@ -10,7 +10,17 @@ batch (eval/evolution.json). erank is normalised by min(T, d); centred iff eval.
 from __future__ import annotations
 
 from megatron_mgt import plots
-from megatron_mgt.experiments.common import Experiment, derive, markdown_table, mean_std, run_grid, run_summary, sizes_line, variants_for, write_results
+from megatron_mgt.experiments.common import (
+    Experiment,
+    derive,
+    markdown_table,
+    mean_std,
+    run_grid,
+    run_summary,
+    sizes_line,
+    variants_for,
+    write_results,
+)
 
 
 def _read_evolution(run_dir) -> dict:
