@@ -13,6 +13,8 @@ from data_prep.pipeline import DEFAULT_VOCAB_SIZE, prepare_default, tokenize_inp
 from data_prep.shards import ShardError
 from data_prep.sources import DEFAULT_MAX_LINE_CHARS, DataSourceError, SourceOptions
 from data_prep.tokenizer import TokenizerError
+from data_prep.wikitext import CONFIGS as WIKITEXT_CONFIGS
+from data_prep.wikitext import prepare_wikitext
 from megatron_mgt.data.indexed import IndexedDatasetError, merge_datasets
 
 _EXPECTED_ERRORS = (
@@ -113,6 +115,21 @@ def _cmd_prepare_default(args: argparse.Namespace) -> None:
     print(json.dumps(result.meta, indent=2))
 
 
+def _cmd_wikitext(args: argparse.Namespace) -> None:
+    meta = prepare_wikitext(
+        args.out,
+        config=args.config,
+        local=args.local,
+        vocab_size=args.vocab_size,
+        tokenizer_max_chars=args.tokenizer_max_chars,
+        workers=args.workers,
+        progress=not args.quiet,
+        log=lambda message: print(f"[mgt-prep] {message}", flush=True),
+    )
+    for split, s in meta["splits"].items():
+        print(f"{split}: {args.out}/{split}.bin/.idx  {s['articles']:,} articles, {s['tokens']:,} tokens, {s['words']:,} words")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mgt-prep", description="Prepare token shards for megatron_mgt.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -165,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="redo every step even if its outputs exist")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_prepare_default)
+
+    p = sub.add_parser("wikitext", help="WikiText-2/103 (hub or official files): tokenizer on train only, train/valid/test shards, word counts")
+    p.add_argument("--config", choices=WIKITEXT_CONFIGS, default="wikitext-103-raw-v1", help="release (default %(default)s)")
+    p.add_argument("--local", help="official files (wiki.*.raw / wiki.*.tokens) or a save_to_disk DatasetDict; default: the hub")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--vocab-size", type=int, default=32000, help="tokenizer vocabulary size (default %(default)s)")
+    p.add_argument("--tokenizer-max-chars", type=int, help="train the tokenizer on about the first N characters of train only")
+    p.add_argument("--workers", type=int, default=1, help="tokenizer worker processes (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_wikitext)
     return parser
 
 

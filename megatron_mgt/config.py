@@ -98,6 +98,7 @@ class ModelConfig:
 class DataConfig:
     train_prefix: str = ""  # path prefix of the .bin/.idx training shard
     valid_prefix: str = ""
+    test_prefix: str = ""  # optional test shard, scored by mgt-eval with eval.full_split
     tokenizer: str = ""  # sentencepiece .model, for decoding samples and meta
     seq_len: int = 256
     prepare_default: str = ""  # if set, build the embedded default corpus into this dir first
@@ -164,6 +165,24 @@ class EvalConfig:
     batches: int = 50  # held-out batches for perplexity
     geometry_batch: int = 4  # sequences in the fixed geometry-snapshot batch
     center: bool = True  # centre token matrices before effective rank
+    full_split: bool = False  # mgt-eval also scores every token of valid (and test): ppl per token and per word
+    stride: int = 0  # full_split windows start every N tokens (0: seq_len, no overlap); < seq_len gives every token more context
+
+
+@dataclass
+class StabilityConfig:
+    """Spike monitoring in the trainer, on by default (megatron_mgt/stability.py has the rule)."""
+
+    enabled: bool = True
+    response: Literal["record", "skip", "rollback"] = "record"
+    window: int = 100  # running mean / std over the last N accepted steps
+    min_history: int = 20  # no spike test before this many accepted steps
+    z: float = 6.0  # spike: value > mean + max(z * std, rel * |mean|)
+    loss_rel: float = 0.1
+    grad_norm_rel: float = 1.0
+    update_norm_rel: float = 1.0
+    update_norm: bool = True  # measure |update| every step (from AdamW's state; needed for update-norm spikes)
+    max_actions: int = 10  # skips + rollbacks before the run stops as diverged
 
 
 @dataclass
@@ -174,6 +193,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    stability: StabilityConfig = field(default_factory=StabilityConfig)
 
 
 def _nearest(name: str, options: typing.Iterable[str]) -> str:
@@ -301,8 +321,18 @@ def validate(cfg: Config) -> None:
     for name in ("micro_batch_size", "grad_accum_steps", "max_steps"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive")
+    if not 0 <= cfg.eval.stride <= cfg.data.seq_len:
+        raise ConfigError(f"eval.stride={cfg.eval.stride} must lie in [0, data.seq_len={cfg.data.seq_len}] (0: seq_len)")
     if cfg.log.geometry_every < 0:
         raise ConfigError(f"log.geometry_every={cfg.log.geometry_every} must be >= 0 (0 disables telemetry)")
+    st = cfg.stability
+    if st.window < 2 or st.min_history < 0 or st.max_actions < 0 or st.z < 0:
+        raise ConfigError(f"stability: window={st.window} must be >= 2, min_history={st.min_history}, max_actions={st.max_actions} and z={st.z} >= 0")
+    if st.response == "skip" and cfg.parallel.engine.startswith("deepspeed"):
+        raise ConfigError(
+            f"stability.response=skip with parallel.engine={cfg.parallel.engine}: DeepSpeed steps the optimizer inside "
+            "train_batch / engine.step, so the trainer cannot withhold one step. Use rollback (or record), or engine single / fsdp."
+        )
     validate_parallel(cfg)
 
 

@@ -2,6 +2,11 @@
 
     mgt-eval RUN_DIR [--checkpoint DIR] [section.key=value ...]
 
+Held-out loss over the first `eval.batches` batches; with `eval.full_split=true`, also the
+perplexity of every token of the valid (and `data.test_prefix`) shard, per model token and,
+when the shard's meta.json has the split's word count (data_prep.wikitext), per word of the
+original text: exp(total NLL / words), the WikiText convention.
+
 Writes RUN_DIR/eval/{eval.json, loss_curve.png, erank_vs_depth.png, beta_by_layer.png}
 and, when training logged geometry telemetry, {erank,token_cosine}_heatmap.png (layer x step).
 The geometry snapshot is one forward pass on a fixed batch (the first held-out windows)
@@ -17,13 +22,15 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from data_prep.inspect_shards import token_counts, unigram_cross_entropy, unigram_entropy
+from data_prep.wikitext import read_split_words
 from megatron_mgt import geometry, plots, telemetry
 from megatron_mgt.checkpoint import find_checkpoint
 from megatron_mgt.config import Config, ConfigError, load_config
 from megatron_mgt.data.indexed import IndexedDataset
-from megatron_mgt.data.loader import eval_batches
+from megatron_mgt.data.loader import eval_batches, scoring_windows
 from megatron_mgt.metrics import read_metrics
 from megatron_mgt.model import Transformer, capture_geometry, lm_loss
 from megatron_mgt.train import resolve_device
@@ -64,6 +71,29 @@ def perplexity(model: Transformer, cfg: Config, device: torch.device) -> dict:
     return {"loss": loss, "ppl": math.exp(loss), "batches": batches, "tokens": tokens}
 
 
+@torch.no_grad()
+def split_perplexity(model: Transformer, prefix: str, cfg: Config, device: torch.device) -> dict:
+    """Every token of the shard at `prefix` scored once (data.loader.scoring_windows, stride
+    `eval.stride`): nats per token, perplexity per token and, with a reference word count,
+    per word = exp(sum of NLL / words)."""
+    nll, tokens = 0.0, 0
+    for x, y in scoring_windows(prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.eval.stride):
+        logits = model(x.to(device)).float()
+        nll += F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.to(device).reshape(-1), ignore_index=-100, reduction="sum").item()
+        tokens += int((y != -100).sum())
+    out = {
+        "tokens": tokens,
+        "nll_sum": nll,
+        "loss": nll / tokens,
+        "ppl": math.exp(nll / tokens),
+        "stride": cfg.eval.stride or cfg.data.seq_len,
+    }
+    words = read_split_words(prefix)
+    if words:
+        out.update(words=words, nats_per_word=nll / words, word_ppl=math.exp(min(nll / words, 700.0)))
+    return out
+
+
 def geometry_snapshot(model: Transformer, tokens: torch.Tensor, center: bool) -> dict:
     """Per-layer erank / token cosine / relative residual and per-sublayer beta stats
     (mhc_nstream: mean diagonal of H_res and its worst column-sum error)."""
@@ -83,6 +113,11 @@ def geometry_snapshot(model: Transformer, tokens: torch.Tensor, center: bool) ->
     return snap
 
 
+def eval_splits(cfg: Config) -> dict[str, str]:
+    """The held-out shards a full-split evaluation scores: valid, and test when configured."""
+    return {name: prefix for name, prefix in (("valid", cfg.data.valid_prefix), ("test", cfg.data.test_prefix)) if prefix}
+
+
 def evaluate(cfg: Config, run_dir: Path, checkpoint: Path | None = None) -> dict:
     device = resolve_device(cfg.train.device)
     checkpoint = checkpoint or find_checkpoint(run_dir / "checkpoints", "auto")
@@ -100,6 +135,11 @@ def evaluate(cfg: Config, run_dir: Path, checkpoint: Path | None = None) -> dict
         "valid": perplexity(model, cfg, device),
         "unigram": unigram_baselines(cfg.data.train_prefix, cfg.data.valid_prefix),
         "geometry": geometry_snapshot(model, probe, cfg.eval.center),
+        **(
+            {"splits": {name: split_perplexity(model, prefix, cfg, device) for name, prefix in eval_splits(cfg).items()}}
+            if cfg.eval.full_split
+            else {}
+        ),
         "geometry_at_init": geometry_snapshot(at_init, probe, cfg.eval.center),
     }
     out = run_dir / "eval"
@@ -145,8 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     erank = result["geometry"]["erank"]
     print(f"valid loss {valid['loss']:.4f} nats/token (ppl {valid['ppl']:.2f}) over {valid['tokens']} tokens")
     print(f"unigram entropy of the training tokens {h:.4f} nats/token: the model is {h - valid['loss']:.4f} nats below it")
+    for name, split in result.get("splits", {}).items():
+        line = f"{name} (every token, stride {split['stride']}): {split['loss']:.4f} nats/token, ppl {split['ppl']:.2f} per token over {split['tokens']} tokens"
+        if "word_ppl" in split:
+            line += f"; ppl {split['word_ppl']:.2f} per word over {split['words']} words"
+        print(line)
     print(f"held-out tokens under the training unigram model: {result['unigram']['valid_cross_entropy']:.4f} nats/token")
-    print(f"effective rank ({'centred' if result['geometry']['centered'] else 'uncentred'}): embedding {erank[0]:.3f}, last layer {erank[-1]:.3f}")
+    print(
+        f"effective rank ({'centred' if result['geometry']['centered'] else 'uncentred'}): embedding {erank[0]:.3f}, last layer {erank[-1]:.3f}"
+    )
     print(f"wrote {args.run_dir / 'eval'}")
     return 0
 

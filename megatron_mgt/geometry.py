@@ -7,7 +7,7 @@ Per-sequence metrics are returned as float64 tensors of shape [...].
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

@@ -1,6 +1,8 @@
 """Where numbers go: a JSONL file in the run dir, wandb, and a progress bar.
 
-Every record is a flat dict with `kind` ('train', 'valid', 'geometry', 'event') and `step`.
+Every record is a flat dict with `kind` ('train', 'valid', 'geometry', 'event', 'anomaly')
+and `step`. Anomalies (megatron_mgt/stability.py) also go to RUN/anomalies.jsonl, the run's
+anomaly log.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from megatron_mgt.config import Config, to_dict
 
+ANOMALIES = "anomalies.jsonl"
 LIBRARIES = ("torch", "numpy", "deepspeed", "sentencepiece", "datasets", "wandb", "flash-attn")
 
 
@@ -72,6 +75,7 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, cfg: Config, device: str):
         self.path = run_dir / "metrics.jsonl"
+        self.anomaly_path = run_dir / ANOMALIES
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "provenance.json").write_text(json.dumps(provenance(device), indent=2))
         self.file = open(self.path, "a")
@@ -91,8 +95,12 @@ class MetricsLog:
             )
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        self.file.write(line)
         self.file.flush()
+        if record.get("kind") == "anomaly":
+            with open(self.anomaly_path, "a") as f:
+                f.write(line)
         if self.wandb is not None:
             kind = record.get("kind", "train")
             self.wandb.log(wandb_scalars(record, kind), step=record.get("step"))

@@ -33,6 +33,7 @@ from megatron_mgt.engine import build_engine
 from megatron_mgt.flops import device_peak_flops, flops_per_token, matmul_params
 from megatron_mgt.metrics import MetricsLog, NullLog
 from megatron_mgt.model import Transformer
+from megatron_mgt.stability import StabilityMonitor
 from megatron_mgt.telemetry import GeometryTelemetry
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -134,15 +135,30 @@ def train(cfg: Config) -> TrainResult:
 def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: float) -> TrainResult:
     tc = cfg.train
     device = engine.device
-    loader = TokenBatchLoader(cfg.data.train_prefix, cfg.data.seq_len, tc.micro_batch_size, tc.seed, rank=engine.dp_rank, world_size=engine.dp_size)
+    loader = TokenBatchLoader(
+        cfg.data.train_prefix, cfg.data.seq_len, tc.micro_batch_size, tc.seed, rank=engine.dp_rank, world_size=engine.dp_size
+    )
+    monitor = StabilityMonitor(cfg.stability) if cfg.stability.enabled else None
     step = 0
-    resume_from = find_checkpoint(ckpt_root, tc.resume)
-    if resume_from is not None:
-        engine.load(resume_from)
-        state = load_trainer_state(resume_from, engine.rank, engine.world_size)
+
+    def restore(directory: Path) -> dict:
+        """Engine, step, data position, RNG and monitor statistics from a checkpoint."""
+        nonlocal step
+        engine.load(directory)
+        state = load_trainer_state(directory, engine.rank, engine.world_size)
         step = state["step"]
         loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
+        if monitor is not None and "stability" in state:
+            skips, actions = set(monitor.skip_positions), monitor.actions
+            monitor.load_state_dict(state["stability"])
+            monitor.skip_positions |= skips  # a rollback keeps what it has learnt since
+            monitor.actions = max(actions, monitor.actions)
+        return state
+
+    resume_from = find_checkpoint(ckpt_root, tc.resume)
+    if resume_from is not None:
+        state = restore(resume_from)
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -163,43 +179,107 @@ def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: fl
         inputs, targets = loader.next_batch()
         top = int(max(inputs.max(), targets.max()))
         if top >= cfg.model.vocab_size:
-            raise ValueError(f"{cfg.data.train_prefix}: token id {top} does not fit model.vocab_size={cfg.model.vocab_size} (was the shard made with another tokenizer?)")
+            raise ValueError(
+                f"{cfg.data.train_prefix}: token id {top} does not fit model.vocab_size={cfg.model.vocab_size} (was the shard made with another tokenizer?)"
+            )
         return inputs, targets
 
     def checkpoint() -> str:
         state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(), "config": to_dict(cfg), "world_size": engine.world_size}
+        if monitor is not None:
+            state["stability"] = monitor.state_dict()
 
         def write_files(directory: Path) -> None:
             engine.save(directory)
-            own = {"rank": engine.rank, "world_size": engine.world_size, "dp_rank": engine.dp_rank, "rng": rng_state(), "loader": loader.state_dict()}
+            own = {
+                "rank": engine.rank,
+                "world_size": engine.world_size,
+                "dp_rank": engine.dp_rank,
+                "rng": rng_state(),
+                "loader": loader.state_dict(),
+            }
             torch.save(own, directory / rank_state_name(engine.rank))
 
-        return str(save_checkpoint(ckpt_root, step, write_files, state, keep=tc.keep_checkpoints, is_main=engine.is_main, barrier=engine.barrier))
+        return str(
+            save_checkpoint(ckpt_root, step, write_files, state, keep=tc.keep_checkpoints, is_main=engine.is_main, barrier=engine.barrier)
+        )
+
+    def diverged(out: dict) -> TrainingDiverged:
+        log.log({"kind": "event", "step": step + 1, "event": "non_finite", **out})
+        last_good = find_checkpoint(ckpt_root, "auto")
+        applied = "was applied" if out.get("applied") else "was not applied"
+        return TrainingDiverged(
+            f"step {step + 1}: loss={out['loss']} grad_norm={out['grad_norm']} is not finite; the step {applied}. Last good "
+            f"checkpoint: {last_good or 'none'} (resume from it with a lower train.lr or more warmup, or set stability.response=rollback)."
+        )
 
     status, last_loss, valid_loss, saved = "finished", float("nan"), None, None
+    if monitor is not None and cfg.stability.response == "rollback" and resume_from is None:
+        saved = checkpoint()  # something to roll back to before the first checkpoint
+    gate = None
+    if monitor is not None and cfg.stability.response == "skip":
+        gate = lambda loss, grad_norm: not monitor.check({"loss": loss, "grad_norm": grad_norm})  # noqa: E731
     window_time, window_steps = 0.0, 0
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (cfg.log.progress and engine.is_main), dynamic_ncols=True, desc=run_dir.name)
     try:
         with StopFlag() as stop:
             while step < tc.max_steps:
+                position = loader.consumed_samples
+                if monitor is not None and position in monitor.skip_positions:
+                    loader.skip(tc.grad_accum_steps)  # the batch of an anomaly that was rolled back
+                    log.log({"kind": "event", "step": step, "event": "skipped_batch", "position": position})
+                    continue
                 t0 = time.perf_counter()
-                out = engine.train_step([next_batch() for _ in range(tc.grad_accum_steps)])
+                batches = [next_batch() for _ in range(tc.grad_accum_steps)]
+                out = engine.train_step(batches, gate=gate) if gate is not None else engine.train_step(batches)
                 window_time += time.perf_counter() - t0
                 window_steps += 1
-                if not (math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])):
-                    log.log({"kind": "event", "step": step + 1, "event": "non_finite", **out})
-                    last_good = find_checkpoint(ckpt_root, "auto")
-                    raise TrainingDiverged(
-                        f"step {step + 1}: loss={out['loss']} grad_norm={out['grad_norm']} is not finite; the step was "
-                        f"not applied. Last good checkpoint: {last_good or 'none'} (resume from it with a lower train.lr "
-                        f"or more warmup)."
-                    )
+                finite = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
+                if monitor is None:
+                    if not finite:
+                        raise diverged(out)
+                else:
+                    values = {"loss": out["loss"], "grad_norm": out["grad_norm"], "update_norm": out.get("update_norm")}
+                    anomalies = monitor.check(values)
+                    if not anomalies:
+                        monitor.accept(values)
+                    else:
+                        response = cfg.stability.response
+                        for anomaly in anomalies:
+                            acted = response == "rollback" or (response == "skip" and not out["applied"])
+                            log.log(anomaly.record(step + 1, response if acted else "record", out["applied"], position))
+                        if response == "rollback" or (response == "skip" and not out["applied"]):
+                            monitor.actions += 1
+                            if monitor.actions > cfg.stability.max_actions:
+                                raise TrainingDiverged(
+                                    f"step {step + 1}: {monitor.actions} skips/rollbacks exceed stability.max_actions={cfg.stability.max_actions}"
+                                )
+                        if response == "rollback":
+                            monitor.skip_positions.add(position)
+                            target = find_checkpoint(ckpt_root, "auto")
+                            restore(target)
+                            bar.n = step
+                            log.log(
+                                {"kind": "event", "step": step, "event": "rollback", "checkpoint": str(target), "skip_position": position}
+                            )
+                            continue
+                        if not finite and (response == "record" or out["applied"]):
+                            raise diverged(out)  # nothing can follow a non-finite step that was kept
                 step += 1
                 last_loss = out["loss"]
                 bar.update(1)
                 if step % cfg.log.every == 0 or step == tc.max_steps:
                     tps = tokens_per_step * window_steps / window_time
-                    record = {"kind": "train", "step": step, "loss": last_loss, "grad_norm": out["grad_norm"], "lr": engine.lr, "tokens_per_s": tps}
+                    record = {
+                        "kind": "train",
+                        "step": step,
+                        "loss": last_loss,
+                        "grad_norm": out["grad_norm"],
+                        "lr": engine.lr,
+                        "tokens_per_s": tps,
+                    }
+                    if out.get("update_norm") is not None:
+                        record["update_norm"] = out["update_norm"]
                     if peak:
                         record["mfu"] = step_flops * window_steps / window_time / peak
                     record["peak_mem_gib"] = peak_memory_gib(device)

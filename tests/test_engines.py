@@ -40,6 +40,8 @@ def test_same_loss_sequence_as_single(engine):
     assert d_loss <= LOSS_TOL and d_norm <= NORM_TOL and d_valid <= LOSS_TOL
     assert len(got_valid) == len(ref_valid) == 2
     assert _series(got, "lr") == pytest.approx(_series(ref, "lr"), rel=1e-12)
+    # |update| from each engine's AdamW state (ZeRO partitions, FSDP shards, pipeline stages)
+    assert _series(got, "update_norm") == pytest.approx(_series(ref, "update_norm"), rel=1e-4)
     # the loss really moved: the comparison is not between two flat lines
     assert ref[-1]["loss"] < ref[0]["loss"] - 0.1
 
@@ -67,7 +69,7 @@ def test_same_metrics_for_every_engine(engine):
     records = train_records(straight(engine))
     assert len(records) == STEPS  # the main rank alone writes metrics
     for r in records:
-        assert {"loss", "grad_norm", "lr", "tokens_per_s", "mfu", "peak_mem_gib"} <= set(r)
+        assert {"loss", "grad_norm", "update_norm", "lr", "tokens_per_s", "mfu", "peak_mem_gib"} <= set(r)
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_mem_gib"] > 0
 
 

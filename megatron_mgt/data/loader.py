@@ -106,11 +106,18 @@ class TokenBatchLoader:
             windows[mask] = self._permutation(int(epoch))[positions[mask]]
         return windows
 
+    def skip(self, steps: int = 1) -> None:
+        """Leave out the next `steps` global batches (the data order of the rest is unchanged)."""
+        self.consumed_samples += steps * self.global_batch_size
+
+    def batch_windows(self, position: int) -> np.ndarray:
+        """Window indices of this rank's batch of the global step that starts at sample `position`."""
+        start = position + self.rank * self.batch_size
+        return self._windows(np.arange(start, start + self.batch_size, dtype=np.int64))
+
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's ``(inputs, targets)``, each int64 ``[batch_size, seq_len]``; advances one global step."""
-        start = self.consumed_samples + self.rank * self.batch_size
-        samples = np.arange(start, start + self.batch_size, dtype=np.int64)
-        batch = _gather(self.dataset.tokens, self._windows(samples), self.seq_len)
+        batch = _gather(self.dataset.tokens, self.batch_windows(self.consumed_samples), self.seq_len)
         self.consumed_samples += self.global_batch_size
         return batch
 
@@ -132,3 +139,43 @@ def eval_batches(
     if max_batches is not None:
         starts = starts[:max_batches]
     return (_gather(dataset.tokens, np.arange(start, min(start + batch_size, num_windows)), seq_len) for start in starts)
+
+
+def scoring_windows(
+    path_prefix: str | os.PathLike, seq_len: int, batch_size: int, stride: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches ``(inputs, targets)`` [B, seq_len] that score every token of a shard exactly once.
+
+    The stream is ``[EOS] + tokens`` (every document ends with EOS, so the shard's last token
+    is the EOS id, and the first token gets the same context a document start has). Windows
+    start every ``stride`` tokens (0: ``seq_len``, non-overlapping); a window scores only the
+    targets the previous one did not, so with ``stride < seq_len`` every scored token after
+    the first window has at least ``seq_len - stride`` tokens of context. Unscored targets
+    and the padding of a short last window are -100 (``ignore_index``)."""
+    stride = stride or seq_len
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride must be in [1, seq_len={seq_len}] (or 0 for seq_len), got {stride}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    tokens = IndexedDataset(path_prefix).tokens
+    if tokens.size == 0:
+        raise ValueError(f"shard {path_prefix} has no tokens")
+    n = int(tokens.size)
+    stream = np.concatenate([np.asarray(tokens[-1:], dtype=np.int64), np.asarray(tokens, dtype=np.int64)])  # [n + 1]
+    rows_in: list[np.ndarray] = []
+    rows_tg: list[np.ndarray] = []
+    begin, scored_until = 0, 0  # targets stream[1 .. scored_until] are done
+    while scored_until < n:
+        end = min(begin + seq_len, n)  # inputs stream[begin:end], targets stream[begin + 1:end + 1]
+        inputs = np.zeros(seq_len, dtype=np.int64)
+        targets = np.full(seq_len, -100, dtype=np.int64)
+        inputs[: end - begin] = stream[begin:end]
+        first_new = scored_until - begin  # offset of the first target not yet scored
+        targets[first_new : end - begin] = stream[begin + 1 + first_new : end + 1]
+        rows_in.append(inputs)
+        rows_tg.append(targets)
+        scored_until = end
+        begin += stride
+        if len(rows_in) == batch_size or scored_until >= n:
+            yield torch.from_numpy(np.stack(rows_in)), torch.from_numpy(np.stack(rows_tg))
+            rows_in, rows_tg = [], []

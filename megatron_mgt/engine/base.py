@@ -3,7 +3,9 @@
     model                     the (local part of the) model, for inspection only
     device                    this rank's device
     lr                        current learning rate
-    train_step(micro_batches) -> {'loss': global mean, 'grad_norm': over all ranks/stages}
+    train_step(micro_batches[, gate]) -> {'loss': global mean, 'grad_norm': over all ranks/stages,
+                              'applied': whether the optimizer stepped, 'update_norm': |update| or None}
+                              (gate(loss, grad_norm) -> bool may withhold the step: single, fsdp)
     eval_loss(inputs, targets) -> global loss of one batch (every rank passes the same batch)
     save(dir) / load(dir)     every rank writes/reads its own files in the same dir
     rank, world_size          global process rank and count

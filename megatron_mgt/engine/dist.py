@@ -83,6 +83,14 @@ def all_mean(value: torch.Tensor, group=None) -> torch.Tensor:
     return out
 
 
+def all_sum(value: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of a tensor over a group (a copy)."""
+    out = value.detach().clone()
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(out, group=group)
+    return out
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when it is True on any (so all ranks stop at the same step)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
 import torch
 
 from megatron_mgt.config import Config, ConfigError
+from megatron_mgt.engine.dist import all_sum
+from megatron_mgt.engine.single import adamw_update_sq_norm, inner_adamw, scheduled_lrs
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,3 +93,17 @@ def deepspeed_config(cfg: Config, dp_size: int, bf16: bool) -> dict:
         "bf16": bf16_section,
     }
     return config
+
+
+def update_norm(cfg: Config, engine, device: torch.device, counted_twice: torch.Tensor | None = None) -> float | None:
+    """|update| of the step DeepSpeed just applied (None if it skipped one, or when
+    `stability.update_norm` is off), from the torch AdamW under its ZeRO optimizer: each
+    rank's partition, summed over all ranks. `counted_twice` is the squared update of a
+    weight this rank's stage holds a second copy of (the pipeline's tied embedding, on the
+    last stage), taken out of the sum."""
+    if not (cfg.stability.enabled and cfg.stability.update_norm and engine.was_step_applied()):
+        return None
+    sq = adamw_update_sq_norm(inner_adamw(engine.optimizer), scheduled_lrs(engine.lr_scheduler))
+    if counted_twice is not None:
+        sq = sq - counted_twice.double().cpu()
+    return math.sqrt(max(0.0, float(all_sum(sq.to(device)))))

@@ -12,7 +12,6 @@ CKPT/dcp/ (model + optimizer, one file per rank + metadata) and CKPT/scheduler.p
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -25,8 +24,8 @@ from torch.distributed.tensor import DTensor
 
 from megatron_mgt.config import Config
 from megatron_mgt.engine.base import EngineBase
-from megatron_mgt.engine.dist import all_mean, dp_slice, init_distributed, shutdown, use_bf16, weighted_mean
-from megatron_mgt.engine.single import Batch, build_optimizer, checkpoint_step, set_schedule_step
+from megatron_mgt.engine.dist import all_mean, all_sum, dp_slice, init_distributed, shutdown, use_bf16, weighted_mean
+from megatron_mgt.engine.single import Batch, Gate, build_optimizer, checkpoint_step, finish_step, set_schedule_step
 from megatron_mgt.model import Transformer, lm_loss
 
 DCP_DIR = "dcp"
@@ -66,7 +65,7 @@ class FSDPEngine(EngineBase):
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[Batch], gate: Gate | None = None) -> dict[str, float]:
         self.model.train()
         total = torch.zeros((), device=self.device)
         n = len(micro_batches)
@@ -77,12 +76,7 @@ class FSDPEngine(EngineBase):
             total += loss.detach()
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm([p for p in self.model.parameters() if p.requires_grad], clip)
-        loss_value, norm_value = all_mean(total).item(), grad_norm.item()
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "grad_norm": norm_value}
+        return finish_step(self, all_mean(total).item(), grad_norm.item(), gate, reduce=all_sum)
 
     @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""DeepSpeed pipeline parallelism (1F1B) with ZeRO stage 0/1 over the data-parallel replicas.
+"""DeepSpeed pipeline parallelism (1F1B) with ZeRO stage 1 over the data-parallel replicas.
 
 The model becomes a list of DeepSpeed layer specs, in the order of `Transformer.forward`:
 
@@ -34,7 +34,7 @@ from torch import nn
 from megatron_mgt.config import Config, ConfigError, ModelConfig
 from megatron_mgt.engine.base import EngineBase
 from megatron_mgt.engine.dist import dp_slice, init_distributed, resolve_backend, shutdown, use_bf16
-from megatron_mgt.engine.ds_common import deepspeed_config, import_deepspeed
+from megatron_mgt.engine.ds_common import deepspeed_config, import_deepspeed, update_norm
 from megatron_mgt.engine.partition import layer_costs, partition_balanced
 from megatron_mgt.engine.single import Batch, build_optimizer, checkpoint_step, set_schedule_step
 from megatron_mgt.engine.zero import ds_load, ds_save
@@ -218,9 +218,27 @@ class PipelineEngine(EngineBase):
         """1F1B over the micro-batches; the loss comes from the last stage, averaged over
         data-parallel replicas and broadcast to every stage; the grad norm is DeepSpeed's
         (summed over stages, tied copies counted once), before clipping."""
+        second_copy = self._second_tied_copy()
+        before = second_copy.detach().clone() if second_copy is not None else None
         loss = self.engine.train_batch(data_iter=iter(micro_batches))
         norm = self.engine.get_global_grad_norm()
-        return {"loss": float(loss), "grad_norm": float(norm) if norm is not None else float("nan")}
+        twice = (second_copy.detach() - before).pow(2).sum() if before is not None else None
+        return {
+            "loss": float(loss),
+            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "applied": self.engine.was_step_applied(),
+            "update_norm": update_norm(self.cfg, self.engine, self.device, counted_twice=twice),
+        }
+
+    def _second_tied_copy(self) -> torch.Tensor | None:
+        """The tied embedding weight on the last stage of replica 0 (the first stage holds the
+        other copy), so the update norm counts it once; None elsewhere or when untracked."""
+        st = self.cfg.stability
+        if not (st.enabled and st.update_norm and self.cfg.model.tie_embeddings and self.num_stages > 1):
+            return None
+        if self.stage_id != self.num_stages - 1 or self.dp_rank != 0:
+            return None
+        return self.model.tied_modules[TIED_KEY].weight
 
     @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from megatron_mgt.engine.base import EngineBase
 from megatron_mgt.model import Transformer, lm_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+Gate = Callable[[float, float], bool]  # (loss, grad_norm) -> apply this step?
 
 
 def lr_factor(step: int, train: TrainConfig) -> float:
@@ -47,6 +49,71 @@ def set_schedule_step(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -
     scheduler._last_lr = lrs
 
 
+UPDATE_NORM_CHUNK = 1 << 24  # elements per temporary while measuring the update (bounds its memory)
+
+
+def inner_adamw(optimizer) -> torch.optim.AdamW:
+    """The torch AdamW under DeepSpeed's ZeRO wrappers (`.optimizer`), or `optimizer` itself."""
+    while not isinstance(optimizer, torch.optim.AdamW):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def scheduled_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[float]:
+    """The learning rates the last optimizer step used (the scheduler has moved on since)."""
+    return [base * fn(scheduler.last_epoch - 1) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+
+
+@torch.no_grad()
+def adamw_update_sq_norm(optimizer: torch.optim.AdamW, lrs: list[float]) -> torch.Tensor:
+    """|theta_new - theta_old|^2 of the AdamW step just taken, over the parameters this rank
+    holds, from its state (no copy of the weights). torch's AdamW does
+    theta <- theta (1 - c) - s m / (sqrt(v / bc2) + eps) with c = lr wd, s = lr / bc1, so
+    theta_new - theta_old = -(c theta_new + s m / (sqrt(v / bc2) + eps)) / (1 - c).
+    Sharded states (FSDP DTensors, ZeRO partitions) give this rank's share: sum over ranks.
+    Computed with foreach kernels, UPDATE_NORM_CHUNK elements of temporaries at a time."""
+    total = None
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        beta1, beta2 = group["betas"]
+        c = lr * group["weight_decay"]
+        by_step: dict[float, list[tuple[torch.Tensor, ...]]] = {}
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "exp_avg" in state:
+                local = [t.to_local() if hasattr(t, "to_local") else t for t in (p.detach(), state["exp_avg"], state["exp_avg_sq"])]
+                by_step.setdefault(float(state["step"]), []).extend(
+                    zip(*(t.reshape(-1).split(UPDATE_NORM_CHUNK) for t in local), strict=True)
+                )
+        for step, triples in by_step.items():
+            bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+            for batch in _batches_of(triples, UPDATE_NORM_CHUNK):
+                thetas, ms, vs = (list(t) for t in zip(*batch, strict=True))
+                denom = torch._foreach_sqrt(vs)
+                torch._foreach_div_(denom, math.sqrt(bc2))
+                torch._foreach_add_(denom, group["eps"])
+                update = torch._foreach_div(ms, denom)
+                del denom
+                torch._foreach_mul_(update, lr / bc1)
+                if c:
+                    torch._foreach_add_(update, thetas, alpha=c)
+                sq = torch.stack(torch._foreach_norm(update)).double().pow(2).sum() / (1 - c) ** 2
+                total = sq if total is None else total + sq
+    return total if total is not None else torch.zeros((), dtype=torch.float64)
+
+
+def _batches_of(triples: list[tuple[torch.Tensor, ...]], max_elements: int):
+    """Consecutive runs of triples holding at most about `max_elements` elements each."""
+    batch, size = [], 0
+    for triple in triples:
+        batch.append(triple)
+        size += triple[0].numel()
+        if size >= max_elements:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def checkpoint_step(directory: Path) -> int:
     """The step recorded in a checkpoint's trainer.pt (0 when there is none)."""
     path = directory / "trainer.pt"
@@ -59,6 +126,22 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     if use_bf16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def finish_step(engine, loss: float, grad_norm: float, gate: Gate | None, reduce=lambda t: t) -> dict[str, float]:
+    """The end of a step for engines that own their torch optimizer (single, FSDP): step
+    unless a value is non-finite or the gate refuses, measure the update
+    (`stability.update_norm`; `reduce` sums a rank's share over ranks), clear gradients."""
+    applied = math.isfinite(loss) and math.isfinite(grad_norm) and (gate is None or gate(loss, grad_norm))
+    update_norm = None
+    if applied:
+        engine.optimizer.step()
+        engine.scheduler.step()
+        if engine.cfg.stability.enabled and engine.cfg.stability.update_norm:
+            sq = adamw_update_sq_norm(engine.optimizer, scheduled_lrs(engine.scheduler))
+            update_norm = math.sqrt(float(reduce(sq.to(engine.device))))
+    engine.optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss, "grad_norm": grad_norm, "applied": applied, "update_norm": update_norm}
 
 
 class SingleEngine(EngineBase):
@@ -74,10 +157,11 @@ class SingleEngine(EngineBase):
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
-        """Accumulate gradients over the micro-batches, clip, step. Returns the mean loss
-        and the pre-clip gradient norm; the step is skipped (no update) when either is
-        not finite, so the caller can stop with the weights still good."""
+    def train_step(self, micro_batches: list[Batch], gate: Gate | None = None) -> dict[str, float]:
+        """Accumulate gradients over the micro-batches, clip, step. Returns the mean loss,
+        the pre-clip gradient norm, whether the step was applied and the update norm.
+        The step is withheld (no update, schedule unmoved) when loss or norm is not
+        finite, or when `gate(loss, grad_norm)` says no."""
         self.model.train()
         total = torch.zeros((), device=self.device)
         for inputs, targets in micro_batches:
@@ -87,12 +171,7 @@ class SingleEngine(EngineBase):
             total += loss.detach()
         clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        loss_value, norm_value = total.item(), grad_norm.item()
-        if math.isfinite(loss_value) and math.isfinite(norm_value):
-            self.optimizer.step()
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "grad_norm": norm_value}
+        return finish_step(self, total.item(), grad_norm.item(), gate)
 
     @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:

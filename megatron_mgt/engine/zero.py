@@ -16,7 +16,7 @@ import torch
 from megatron_mgt.config import Config
 from megatron_mgt.engine.base import EngineBase
 from megatron_mgt.engine.dist import all_mean, dp_slice, init_distributed, resolve_backend, shutdown, use_bf16, weighted_mean
-from megatron_mgt.engine.ds_common import deepspeed_config, import_deepspeed
+from megatron_mgt.engine.ds_common import deepspeed_config, import_deepspeed, update_norm
 from megatron_mgt.engine.single import Batch, build_optimizer, checkpoint_step, set_schedule_step
 from megatron_mgt.model import Transformer, lm_loss
 
@@ -68,7 +68,12 @@ class ZeroEngine(EngineBase):
             self.engine.step()
             total += loss.detach()
         norm = self.engine.get_global_grad_norm()
-        return {"loss": all_mean(total / len(micro_batches)).item(), "grad_norm": float(norm) if norm is not None else float("nan")}
+        return {
+            "loss": all_mean(total / len(micro_batches)).item(),
+            "grad_norm": float(norm) if norm is not None else float("nan"),
+            "applied": self.engine.was_step_applied(),
+            "update_norm": update_norm(self.cfg, self.engine, self.device),
+        }
 
     @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:

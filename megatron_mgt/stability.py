@@ -1,0 +1,118 @@
+"""Long-horizon stability monitoring: loss, gradient-norm and update-norm spikes, non-finite values.
+
+Every step the trainer gives the monitor the step's loss, its pre-clip gradient norm and the
+norm of the update AdamW applied (engine.single.adamw_update_norm). A value x of kind k is a
+spike when, after `stability.min_history` accepted steps,
+
+    x > mu_k + max(z * sigma_k, rel_k * |mu_k|)
+
+with mu_k, sigma_k the mean and standard deviation of k over the last `stability.window`
+accepted steps (steps with an anomaly are not added, so a spike does not raise its own bar);
+rel_k is `loss_rel`, `grad_norm_rel` or `update_norm_rel`. A non-finite loss or gradient norm
+is an anomaly of kind `non_finite`.
+
+Responses (`stability.response`):
+    record    log it and go on (a non-finite value still stops the run: nothing can follow it);
+    skip      withhold the optimizer step of a loss / gradient-norm / non-finite anomaly: the
+              batch is dropped, weights, AdamW moments and lr schedule stay where they were,
+              the step number advances. An update-norm spike is known only once the update is
+              applied, so it is recorded;
+    rollback  reload the last checkpoint (weights, optimizer, schedule, RNG, data position) and
+              replay the same data order from there, leaving out the batch of the anomalous
+              step when its turn comes (its data position is kept in `skip_positions`, which
+              every later checkpoint carries).
+After `max_actions` skips plus rollbacks the run stops (TrainingDiverged): something is
+wrong beyond a bad batch.
+
+Every anomaly is a metrics record {"kind": "anomaly", "step", "metric", "value", "mean",
+"std", "threshold", "size" (value / mean), "response", "applied", "position"} (also in
+RUN/anomalies.jsonl and on wandb); `mgt-compare` counts them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from megatron_mgt.config import StabilityConfig
+
+SPIKE_KINDS = ("loss", "grad_norm", "update_norm")
+PRE_STEP_KINDS = ("loss", "grad_norm")  # known before the optimizer step: `skip` can withhold it
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    metric: str  # loss | grad_norm | update_norm | non_finite
+    value: float
+    mean: float
+    std: float
+    threshold: float
+
+    def record(self, step: int, response: str, applied: bool, position: int) -> dict:
+        size = self.value / self.mean if self.mean and math.isfinite(self.value) else None
+        return {
+            "kind": "anomaly",
+            "step": step,
+            "metric": self.metric,
+            "value": self.value,
+            "mean": self.mean,
+            "std": self.std,
+            "threshold": self.threshold,
+            "size": size,
+            "response": response,
+            "applied": applied,
+            "position": position,
+        }
+
+
+class StabilityMonitor:
+    """Running statistics per kind, the spike test, and the data positions to leave out."""
+
+    def __init__(self, cfg: StabilityConfig):
+        self.cfg = cfg
+        self.history = {kind: deque(maxlen=cfg.window) for kind in SPIKE_KINDS}
+        self.skip_positions: set[int] = set()
+        self.actions = 0  # skips + rollbacks so far
+
+    def _rel(self, kind: str) -> float:
+        return getattr(self.cfg, f"{kind}_rel")
+
+    def check(self, values: dict[str, float]) -> list[Anomaly]:
+        """Anomalies among `values` (a subset of SPIKE_KINDS); nothing is recorded yet."""
+        found = []
+        for kind, value in values.items():
+            if value is None:
+                continue
+            if not math.isfinite(value):
+                if kind in PRE_STEP_KINDS:
+                    found.append(Anomaly("non_finite", value, math.nan, math.nan, math.nan))
+                continue
+            window = self.history[kind]
+            if len(window) < max(2, self.cfg.min_history):
+                continue
+            mean = math.fsum(window) / len(window)
+            std = math.sqrt(max(0.0, math.fsum((v - mean) ** 2 for v in window) / len(window)))
+            threshold = mean + max(self.cfg.z * std, self._rel(kind) * abs(mean))
+            if value > threshold:
+                found.append(Anomaly(kind, value, mean, std, threshold))
+        return found
+
+    def accept(self, values: dict[str, float]) -> None:
+        """Add a step without anomalies to the running statistics."""
+        for kind, value in values.items():
+            if value is not None and math.isfinite(value):
+                self.history[kind].append(value)
+
+    def state_dict(self) -> dict:
+        return {
+            "history": {k: list(v) for k, v in self.history.items()},
+            "skip_positions": sorted(self.skip_positions),
+            "actions": self.actions,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        for kind, values in state["history"].items():
+            self.history[kind] = deque(values, maxlen=self.cfg.window)
+        self.skip_positions = set(state["skip_positions"])
+        self.actions = int(state["actions"])
