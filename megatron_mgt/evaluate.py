@@ -94,13 +94,12 @@ def split_perplexity(model: Transformer, prefix: str, cfg: Config, device: torch
     return out
 
 
-def geometry_snapshot(model: Transformer, tokens: torch.Tensor, center: bool) -> dict:
-    """Per-layer erank / token cosine / relative residual and per-sublayer beta stats
-    (mhc_nstream: mean diagonal of H_res and its worst column-sum error)."""
-    captured = capture_geometry(model, tokens)
-    snap = geometry.layer_geometry(captured["hidden"], center)
-    snap["sublayers"] = {}
-    for name, values in captured["sublayers"].items():
+def sublayer_geometry(captured: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict]:
+    """Per sublayer, from what its residual rule captured: the update ratio, beta statistics
+    and erase strength (rules with beta), and for mhc_nstream the mean diagonal of H_res and
+    its worst column-sum error."""
+    out = {}
+    for name, values in captured.items():
         entry = {"update_ratio": values["update_ratio"].mean().item()}
         if "beta" in values:
             entry["beta"] = geometry.beta_stats(values["beta"])
@@ -109,7 +108,16 @@ def geometry_snapshot(model: Transformer, tokens: torch.Tensor, center: bool) ->
             h_res = values["h_res"].double()
             entry["h_res_diag"] = h_res.diagonal(dim1=-2, dim2=-1).mean().item()
             entry["h_res_col_err"] = (h_res.sum(dim=-2) - 1).abs().max().item()
-        snap["sublayers"][name] = entry
+        out[name] = entry
+    return out
+
+
+def geometry_snapshot(model: Transformer, tokens: torch.Tensor, center: bool) -> dict:
+    """Per-layer erank / token cosine / relative residual and per-sublayer statistics
+    (sublayer_geometry) of one forward pass of the whole model on `tokens`."""
+    captured = capture_geometry(model, tokens)
+    snap = geometry.layer_geometry(captured["hidden"], center)
+    snap["sublayers"] = sublayer_geometry(captured["sublayers"])
     return snap
 
 

@@ -7,18 +7,18 @@ place these numbers are computed), a metrics record
 
     {"kind": "geometry", "step", "centered", "seconds",
      "erank", "token_cosine", "relative_residual":        [n_layers + 1] (embedding, block 1..L)
-     "sublayers", "update_ratio", "beta_mean", "beta_frac_negative":  [2 n_layers] (attn, mlp, ...)}
+     "sublayers", "update_ratio", "beta_{mean,std,q05,q50,q95,frac_negative}",
+     "erase_mean" (alpha * beta):                           [2 n_layers] (attn, mlp, ...)}
 
-beta entries are null for rules without beta; mhc_nstream adds "h_res_diag" and
+beta and erase entries are null for rules without beta; mhc_nstream adds "h_res_diag" and
 "h_res_col_err" [2 n_layers] (mean diagonal of H_res, worst column-sum error after Sinkhorn). MetricsLog sends each list entry to wandb as
 its own scalar (`geometry/erank/003`). The probe forward runs without autocast and does not
 touch any RNG, so a run with telemetry trains exactly like one without.
 
-Engines: single, ZeRO and FSDP expose the whole `Transformer` as `engine.model`; every rank
-runs the probe (FSDP / ZeRO-3 gather parameters collectively), the main rank logs. The
-DeepSpeed pipeline holds only its stage's layers and the stream between stages travels
-through DeepSpeed's schedule, so telemetry is a no-op there with a warning (and an
-'event' record).
+Engines: `engine.geometry_snapshot(probe, center)`. Single, ZeRO and FSDP run the whole
+`Transformer` on every rank (FSDP / ZeRO-3 gather parameters collectively); the DeepSpeed
+pipeline sends the probe through its schedule (`eval_batch`), each stage measures its own
+layers and sublayers, and the parts are gathered into one record. The main rank logs.
 
     python -m megatron_mgt.telemetry RUN_DIR     # erank / cosine heat maps from metrics.jsonl
 """
@@ -36,9 +36,9 @@ from megatron_mgt import plots
 from megatron_mgt.config import Config
 from megatron_mgt.data.loader import eval_batches
 from megatron_mgt.metrics import read_metrics
-from megatron_mgt.model import Transformer
 
 LAYER_KEYS = ("erank", "token_cosine", "relative_residual")
+BETA_KEYS = ("mean", "std", "q05", "q50", "q95", "frac_negative")  # of geometry.beta_stats, per sublayer
 
 
 def snapshot_record(snap: dict, step: int) -> dict:
@@ -52,8 +52,8 @@ def snapshot_record(snap: dict, step: int) -> dict:
         **{key: snap[key] for key in LAYER_KEYS},
         "sublayers": list(subs),
         "update_ratio": [s["update_ratio"] for s in subs.values()],
-        "beta_mean": [b["mean"] if b else None for b in beta.values()],
-        "beta_frac_negative": [b["frac_negative"] if b else None for b in beta.values()],
+        **{f"beta_{key}": [b[key] if b else None for b in beta.values()] for key in BETA_KEYS},
+        "erase_mean": [s["erase"]["mean"] if "erase" in s else None for s in subs.values()],
         **{key: [s.get(key) for s in subs.values()] for key in ("h_res_diag", "h_res_col_err") if any(key in s for s in subs.values())},
     }
 
@@ -62,43 +62,30 @@ class GeometryTelemetry:
     """Call `at(step)` after every optimizer step (and at step 0 of a fresh run)."""
 
     def __init__(self, cfg: Config, engine, log):
-        self.every, self.center, self.log = cfg.log.geometry_every, cfg.eval.center, log
-        self.model: Transformer | None = None
+        self.every, self.center, self.log, self.engine = cfg.log.geometry_every, cfg.eval.center, log, engine
         self.probe: torch.Tensor | None = None
         if not self.every:
             return
-        reason = None
-        if not isinstance(engine.model, Transformer):
-            reason = f"engine {cfg.parallel.engine} exposes no whole Transformer (pipeline stages hold only their layers)"
-        elif not cfg.data.valid_prefix:
-            reason = "no data.valid_prefix to take the probe batch from"
-        if reason:
-            message = f"geometry telemetry disabled: {reason}"
+        if not cfg.data.valid_prefix:
+            message = "geometry telemetry disabled: no data.valid_prefix to take the probe batch from"
             if engine.is_main:
                 warnings.warn(message, stacklevel=2)
             log.log({"kind": "event", "step": 0, "event": "telemetry_disabled", "reason": message})
             self.every = 0
             return
-        self.model = engine.model
         inputs, _ = next(iter(eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.geometry_batch, 1)))
         top = int(inputs.max())
         if top >= cfg.model.vocab_size:  # the same clear error as the trainer's batch check, before any forward
-            raise ValueError(f"{cfg.data.valid_prefix}: token id {top} does not fit model.vocab_size={cfg.model.vocab_size} (was the shard made with another tokenizer?)")
+            raise ValueError(
+                f"{cfg.data.valid_prefix}: token id {top} does not fit model.vocab_size={cfg.model.vocab_size} (was the shard made with another tokenizer?)"
+            )
         self.probe = inputs.to(engine.device)
 
     def at(self, step: int) -> dict | None:
         if not self.every or step % self.every:
             return None
-        from megatron_mgt.evaluate import geometry_snapshot  # evaluate imports train, which imports us
-
         t0 = time.perf_counter()
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            snap = geometry_snapshot(self.model, self.probe, self.center)
-        finally:
-            self.model.train(was_training)
-        record = snapshot_record(snap, step)
+        record = snapshot_record(self.engine.geometry_snapshot(self.probe, self.center), step)
         record["seconds"] = time.perf_counter() - t0
         self.log.log(record)
         return record

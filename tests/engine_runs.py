@@ -25,9 +25,19 @@ TIMEOUT = 300
 # engine -> overrides; data-parallel engines take GLOBAL_MICRO / 2 sequences per rank
 ENGINES = {
     "single": {"train.micro_batch_size": GLOBAL_MICRO},
-    "pipe": {"train.micro_batch_size": GLOBAL_MICRO, "parallel.engine": "deepspeed_pipe", "parallel.pipeline_stages": 2, "parallel.deepspeed_config": "configs/deepspeed/pipe_zero1.json"},
+    "pipe": {
+        "train.micro_batch_size": GLOBAL_MICRO,
+        "parallel.engine": "deepspeed_pipe",
+        "parallel.pipeline_stages": 2,
+        "parallel.deepspeed_config": "configs/deepspeed/pipe_zero1.json",
+    },
     "fsdp": {"train.micro_batch_size": GLOBAL_MICRO // 2, "parallel.engine": "fsdp"},
-    "zero2": {"train.micro_batch_size": GLOBAL_MICRO // 2, "parallel.engine": "deepspeed_zero", "parallel.zero_stage": 2, "parallel.deepspeed_config": "configs/deepspeed/zero2.json"},
+    "zero2": {
+        "train.micro_batch_size": GLOBAL_MICRO // 2,
+        "parallel.engine": "deepspeed_zero",
+        "parallel.zero_stage": 2,
+        "parallel.deepspeed_config": "configs/deepspeed/zero2.json",
+    },
 }
 COMMON = {
     "train.max_steps": STEPS,
@@ -35,6 +45,7 @@ COMMON = {
     "train.save_every": 0,
     "train.eval_every": SPLIT,
     "train.threads": 1,
+    "log.geometry_every": SPLIT,  # geometry telemetry at steps 0, 3, 6
 }
 
 
@@ -96,3 +107,7 @@ def train_records(run_dir: Path) -> list[dict]:
 
 def valid_records(run_dir: Path) -> list[dict]:
     return read_metrics(run_dir / "metrics.jsonl", "valid")
+
+
+def geometry_records(run_dir: Path) -> list[dict]:
+    return read_metrics(run_dir / "metrics.jsonl", "geometry")

@@ -17,7 +17,7 @@ from megatron_mgt.config import ConfigError, load_config
 from megatron_mgt.engine.ds_common import deepspeed_config
 from megatron_mgt.engine.pipeline import replay_init, single_key
 from megatron_mgt.model import Transformer
-from tests.engine_runs import SPLIT, STEPS, split, straight, train_records, valid_records
+from tests.engine_runs import SPLIT, STEPS, geometry_records, split, straight, train_records, valid_records
 
 LOSS_TOL = 2e-6  # absolute, nats (fp32; measured 4.8e-7)
 NORM_TOL = 2e-6
@@ -44,6 +44,28 @@ def test_same_loss_sequence_as_single(engine):
     assert _series(got, "update_norm") == pytest.approx(_series(ref, "update_norm"), rel=1e-4)
     # the loss really moved: the comparison is not between two flat lines
     assert ref[-1]["loss"] < ref[0]["loss"] - 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["pipe", "fsdp", "zero2"])
+def test_same_geometry_telemetry_as_single(engine):
+    """Live telemetry under every engine: the pipeline's record is assembled from what each
+    stage measured of its own layers, and equals the whole model's."""
+    ref, got = geometry_records(straight("single")), geometry_records(straight(engine))
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == [0, SPLIT, STEPS]
+    for a, b in zip(got, ref, strict=True):
+        assert len(a["erank"]) == len(b["erank"]) == 4 and a["sublayers"] == b["sublayers"]
+        for key in (
+            "erank",
+            "token_cosine",
+            "relative_residual",
+            "update_ratio",
+            "beta_mean",
+            "beta_q95",
+            "beta_frac_negative",
+            "erase_mean",
+        ):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
 
 
 @pytest.mark.slow
@@ -76,7 +98,17 @@ def test_same_metrics_for_every_engine(engine):
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("residual", ["mgt", "preln", "deepnorm"])
 def test_pipeline_init_replays_single_engine_init(tie, residual):
-    cfg = load_config(None, ["model.n_layers=3", "model.d_model=32", "model.n_heads=2", "model.vocab_size=64", f"model.tie_embeddings={tie}", f"model.residual={residual}"]).model
+    cfg = load_config(
+        None,
+        [
+            "model.n_layers=3",
+            "model.d_model=32",
+            "model.n_heads=2",
+            "model.vocab_size=64",
+            f"model.tie_embeddings={tie}",
+            f"model.residual={residual}",
+        ],
+    ).model
     torch.manual_seed(7)
     reference = Transformer(cfg).state_dict()
     keep = set(range(cfg.n_layers + 3))
@@ -103,7 +135,17 @@ def test_pipeline_with_zero2_or_3_is_a_config_error():
 
 
 def test_deepspeed_config_takes_training_knobs_from_the_yaml(tmp_path):
-    cfg = load_config(None, ["parallel.engine=deepspeed_zero", "parallel.zero_stage=2", "parallel.deepspeed_config=configs/deepspeed/zero2.json", "train.micro_batch_size=3", "train.grad_accum_steps=5", "train.grad_clip=0.5"])
+    cfg = load_config(
+        None,
+        [
+            "parallel.engine=deepspeed_zero",
+            "parallel.zero_stage=2",
+            "parallel.deepspeed_config=configs/deepspeed/zero2.json",
+            "train.micro_batch_size=3",
+            "train.grad_accum_steps=5",
+            "train.grad_clip=0.5",
+        ],
+    )
     ds = deepspeed_config(cfg, dp_size=4, bf16=False)
     assert ds["train_batch_size"] == 60 and ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["overlap_comm"] is True

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from megatron_mgt.config import ConfigError, load_config
 from megatron_mgt.metrics import read_metrics, wandb_scalars
-from megatron_mgt.telemetry import GeometryTelemetry, latest_per_step, write_heatmaps
+from megatron_mgt.telemetry import latest_per_step, write_heatmaps
 from megatron_mgt.train import train
 from tests.conftest import tiny_overrides
 
@@ -86,24 +85,6 @@ def test_resumed_run_does_not_repeat_init_and_heatmap_keeps_last_per_step(zipf_s
         assert (tmp_path / "r" / "eval" / png).read_bytes()[:4] == b"\x89PNG"
     dup = [{"step": 2, "v": 1}, {"step": 0, "v": 0}, {"step": 2, "v": 2}]
     assert latest_per_step(dup) == [{"step": 0, "v": 0}, {"step": 2, "v": 2}]
-
-
-class _Log:
-    def __init__(self):
-        self.records = []
-
-    def log(self, record):
-        self.records.append(record)
-
-
-def test_pipeline_engine_is_a_noop_with_warning(zipf_shards, tmp_path):
-    cfg = load_config(None, tiny_overrides(*zipf_shards, tmp_path, **{"log.geometry_every": 2}))
-    stage = SimpleNamespace(model=torch.nn.Sequential(), is_main=True, device=torch.device("cpu"))
-    log = _Log()
-    with pytest.warns(UserWarning, match="telemetry disabled"):
-        tel = GeometryTelemetry(cfg, stage, log)
-    assert tel.at(0) is None and tel.at(2) is None
-    assert [r["event"] for r in log.records] == ["telemetry_disabled"]
 
 
 def test_geometry_every_validated():

@@ -11,6 +11,8 @@
     rank, world_size          global process rank and count
     dp_rank, dp_size          data-parallel coordinates: the loader's rank/world_size
     is_main                   global rank 0: logs, metrics, checkpoint rename + pointer
+    geometry_snapshot(probe, center) -> evaluate.geometry_snapshot of the whole model on every
+                              rank (the pipeline assembles it from what each stage measured)
     barrier(), any_rank(flag), close()
 
 The defaults here are those of one process; distributed engines override them.
@@ -31,6 +33,18 @@ class EngineBase:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def geometry_snapshot(self, probe: torch.Tensor, center: bool) -> dict:
+        """One forward pass of `self.model` (the whole Transformer) in eval mode; under
+        FSDP / ZeRO-3 every rank must call it (parameters are gathered collectively)."""
+        from megatron_mgt.evaluate import geometry_snapshot  # evaluate imports the trainer, which imports engines
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return geometry_snapshot(self.model, probe, center)
+        finally:
+            self.model.train(was_training)
 
     def barrier(self) -> None:
         from megatron_mgt.engine.dist import barrier

@@ -181,7 +181,9 @@ class PipelineEngine(EngineBase):
         deepspeed = import_deepspeed(self.device)
         deepspeed.init_distributed(dist_backend=resolve_backend(cfg, self.device))
         p = cfg.parallel
-        parts = partition_balanced(layer_costs(cfg.model, cfg.data.seq_len, p.embed_cost), stages) if p.partition_method == "balanced" else None
+        parts = (
+            partition_balanced(layer_costs(cfg.model, cfg.data.seq_len, p.embed_cost), stages) if p.partition_method == "balanced" else None
+        )
         module_class = pipeline_module_class(parts)
         module = module_class(
             layers=layer_specs(cfg.model),
@@ -207,7 +209,9 @@ class PipelineEngine(EngineBase):
         self.dp_rank = module._grid.data_parallel_id
         optimizer, scheduler = build_optimizer(module, cfg.train)
         config = deepspeed_config(cfg, self.dp_size, use_bf16(cfg, self.device))
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=config
+        )
         self.model = module
 
     @property
@@ -243,21 +247,72 @@ class PipelineEngine(EngineBase):
     @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
         """One micro-batch through the pipeline (this replica's slice of the global batch);
-        averaged over replicas by DeepSpeed. A batch of another shape than the training
-        micro-batch (the last, short one) is sent with its shape, then the cached receive
-        buffers are dropped so training allocates its own again."""
+        averaged over replicas by DeepSpeed."""
         odd = inputs.size(0) != self.cfg.train.micro_batch_size * self.dp_size
-        batch = dp_slice(inputs, targets, self.dp_rank, self.dp_size)
+        return self._eval_micro_batch(dp_slice(inputs, targets, self.dp_rank, self.dp_size), odd)
+
+    def _eval_micro_batch(self, batch: Batch, odd_shape: bool) -> float:
+        """`eval_batch` of one micro-batch. A batch of another shape than the training
+        micro-batch is sent with its shape, then the cached receive buffers are dropped so
+        training allocates its own again."""
         e = self.engine
-        if odd:
+        if odd_shape:
             e.dynamic_shape = True
         try:
-            loss = e.eval_batch(iter([batch]), num_micro_batches=1)
+            return float(e.eval_batch(iter([batch]), num_micro_batches=1))
         finally:
-            if odd:
+            if odd_shape:
                 e.dynamic_shape = False
                 e.first_output_send, e.pipe_recv_buf, e.grad_layer = True, None, None
-        return float(loss)
+
+    @torch.no_grad()
+    def geometry_snapshot(self, probe: torch.Tensor, center: bool) -> dict:
+        """The probe through the pipeline (every replica sends it whole); each stage records
+        the stream after its embedding / blocks (forward hooks) and what its residual rules
+        capture, measures its own layers, and all_gather_object assembles replica 0's parts in
+        depth order: the same record evaluate.geometry_snapshot gives for the whole model."""
+        import torch.distributed as dist
+
+        from megatron_mgt.evaluate import sublayer_geometry
+        from megatron_mgt.geometry import layer_geometry
+
+        layers = {idx: m for idx, m in local_layers(self.model).items() if idx <= self.cfg.model.n_layers}  # embedding, blocks
+        hidden: dict[int, torch.Tensor] = {}
+        hooks = [m.register_forward_hook(lambda _m, _in, out, idx=idx: hidden.__setitem__(idx, out.detach())) for idx, m in layers.items()]
+        blocks = {idx: m for idx, m in layers.items() if isinstance(m, Block)}
+        rules = [(f"layers.{idx - 1}.{part}", getattr(b, f"{part}_residual")) for idx, b in blocks.items() for part in ("attn", "mlp")]
+        for _, rule in rules:
+            rule.capture = True
+        was_training = self.model.training
+        try:
+            self._eval_micro_batch((probe, torch.zeros_like(probe)), odd_shape=True)
+            captured = {name: dict(rule.captured) for name, rule in rules}
+        finally:
+            for hook in hooks:
+                hook.remove()
+            for _, rule in rules:
+                rule.capture, rule.captured = False, {}
+            self.model.train(was_training)
+        order = sorted(hidden)
+        mine = {
+            "layers": {
+                idx: {k: v[i] for k, v in layer_geometry([hidden[j] for j in order], center).items() if k != "centered"}
+                for i, idx in enumerate(order)
+            }
+        }
+        mine["sublayers"] = sublayer_geometry(captured)
+        parts: list = [None] * self.world_size
+        dist.all_gather_object(parts, (self.dp_rank, mine))
+        layer_rows, sublayers = {}, {}
+        for dp_rank, part in parts:
+            if dp_rank == 0:
+                layer_rows.update(part["layers"])
+                sublayers.update(part["sublayers"])
+        depth = sorted(layer_rows)
+        snap = {key: [layer_rows[i][key] for i in depth] for key in ("erank", "token_cosine", "relative_residual")}
+        snap["centered"] = center
+        snap["sublayers"] = dict(sorted(sublayers.items(), key=lambda kv: (int(kv[0].split(".")[1]), kv[0].endswith("mlp"))))
+        return snap
 
     def save(self, directory: Path) -> None:
         ds_save(self.engine, directory)
