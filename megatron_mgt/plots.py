@@ -4,11 +4,12 @@ Uses matplotlib's object API on the Agg canvas (no pyplot, no global backend sta
 Every writer takes plain Python/NumPy data and writes its PNG atomically: a temp file in
 the target directory, then os.replace.
 """
+
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -46,20 +47,32 @@ def plot_loss_curves(
     path: str | os.PathLike,
     title: str,
     ylabel: str = "loss",
+    markers: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+    dashed: Callable[[str], bool] = lambda name: False,
+    logy: bool = False,
 ) -> None:
-    """One labelled line per series (e.g. "train", "valid") of (step, value) points against step."""
+    """One labelled line per series (e.g. "train", "valid") of (step, value) points against
+    step; `markers[name]` (step, value) points are drawn as x in that series' colour. A
+    series `dashed(name)` selects is drawn dashed in the colour of the series before it."""
     fig = _new_figure()
     ax = fig.add_subplot()
+    line = None
     for name, points in series.items():
         if not points:
             continue
-        steps, values = zip(*points)
+        steps, values = zip(*points, strict=True)
         marker = "o" if len(points) <= _MARKER_MAX_POINTS else None
-        ax.plot(steps, values, label=name, marker=marker, markersize=3, linewidth=1.2)
+        style = {"linestyle": "--", "color": line.get_color()} if dashed(name) and line is not None else {}
+        (line,) = ax.plot(steps, values, label=name, marker=marker, markersize=3, linewidth=1.2, **style)
+        marks = [p for p in (markers or {}).get(name, ()) if np.isfinite(p[1])]
+        if marks:
+            ax.scatter(*zip(*marks, strict=True), marker="x", s=60, color=line.get_color(), zorder=3)
+    if logy:
+        ax.set_yscale("log")
     ax.set(xlabel="step", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     if ax.lines:
-        ax.legend()
+        ax.legend(fontsize=7)
     _save_atomic(fig, path)
 
 

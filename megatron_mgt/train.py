@@ -156,9 +156,11 @@ def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: fl
             monitor.actions = max(actions, monitor.actions)
         return state
 
+    train_seconds = 0.0  # wall time inside train steps, over every restart of the run
     resume_from = find_checkpoint(ckpt_root, tc.resume)
     if resume_from is not None:
         state = restore(resume_from)
+        train_seconds = state.get("train_seconds", 0.0)
     if engine.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -185,7 +187,7 @@ def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: fl
         return inputs, targets
 
     def checkpoint() -> str:
-        state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(), "config": to_dict(cfg), "world_size": engine.world_size}
+        state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(), "config": to_dict(cfg), "world_size": engine.world_size, "train_seconds": train_seconds}
         if monitor is not None:
             state["stability"] = monitor.state_dict()
 
@@ -234,6 +236,7 @@ def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: fl
                 out = engine.train_step(batches, gate=gate) if gate is not None else engine.train_step(batches)
                 window_time += time.perf_counter() - t0
                 window_steps += 1
+                train_seconds += time.perf_counter() - t0
                 finite = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
                 if monitor is None:
                     if not finite:
@@ -277,6 +280,7 @@ def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: fl
                         "grad_norm": out["grad_norm"],
                         "lr": engine.lr,
                         "tokens_per_s": tps,
+                        "train_seconds": train_seconds,
                     }
                     if out.get("update_norm") is not None:
                         record["update_norm"] = out["update_norm"]

@@ -160,3 +160,33 @@ def test_update_norm_is_the_applied_update(zipf_shards, tmp_path):
             measured, rel=1e-4
         )
     assert find_checkpoint(tmp_path / "checkpoints", "auto") is None
+
+
+def test_compare_runs(bad_shard, zipf_shards, tmp_path, capsys):
+    import json
+
+    from megatron_mgt.compare import ema
+    from megatron_mgt.compare import main as compare_main
+
+    run(bad_shard, tmp_path / "spiky", "record", **{"log.geometry_every": 6, "train.eval_every": 6})
+    run(zipf_shards, tmp_path / "clean", "record", **{"log.geometry_every": 6, "train.eval_every": 6})
+    out = tmp_path / "cmp"
+    assert compare_main([str(tmp_path / "spiky"), str(tmp_path / "clean"), "--out", str(out)]) == 0
+    assert "| spiky | mgt | 3 | 18 |" in capsys.readouterr().out
+    result = json.loads((out / "compare.json").read_text())
+    spiky, clean = result["runs"]
+    assert (spiky["spikes"], clean["spikes"]) == (1, 0) and spiky["steps"] == clean["steps"] == STEPS
+    assert result["loss_target"] == max(spiky["final_smoothed_loss"], clean["final_smoothed_loss"])
+    smooth = ema([loss for _, loss in losses(tmp_path / "clean")])
+    reached = next(i for i, s in enumerate(smooth) if s <= result["loss_target"])
+    assert clean["steps_to_target"] == 1 + reached
+    assert clean["seconds_to_target"] == read_metrics(tmp_path / "clean" / "metrics.jsonl", "train")[reached]["train_seconds"] > 0
+    valid = read_metrics(tmp_path / "spiky" / "metrics.jsonl", "valid")
+    assert spiky["final_valid_ppl"] == pytest.approx(math.exp(valid[-1]["loss"])) and spiky["best_valid_ppl"] <= spiky["final_valid_ppl"]
+    geo = read_metrics(tmp_path / "spiky" / "metrics.jsonl", "geometry")[-1]
+    assert geo["step"] == STEPS and spiky["erank_last"] == geo["erank"][-1] and 0 <= spiky["neg_beta_deep"] <= 1
+    for png in ("loss_curves.png", "grad_norm.png", "erank_heatmap_spiky.png", "erank_heatmap_clean.png"):
+        assert (out / png).stat().st_size > 1000
+    assert compare_main([str(tmp_path / "clean"), "--out", str(out), "--loss", "0.5"]) == 0
+    assert json.loads((out / "compare.json").read_text())["runs"][0]["steps_to_target"] is None  # never reached
+    assert compare_main([str(tmp_path / "nothing")]) == 2
