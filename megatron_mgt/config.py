@@ -155,6 +155,7 @@ class LogConfig:
     every: int = 10
     wandb: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online with an API key, else offline
     wandb_project: str = "megatron_mgt"
+    wandb_group: str = ""  # groups the runs of one study (slurm/wt103_stability.sh sets the array's name)
     run_name: str = ""
     progress: bool = True
     geometry_every: int = 100  # geometry telemetry on the fixed probe batch every N steps (+ step 0); 0 = off

@@ -87,6 +87,7 @@ class MetricsLog:
             self.wandb = wandb.init(
                 project=cfg.log.wandb_project,
                 name=cfg.log.run_name or run_dir.name,
+                group=cfg.log.wandb_group or None,
                 dir=str(run_dir),
                 mode=mode,
                 config=to_dict(cfg),

@@ -221,12 +221,14 @@ def test_preset_errors_are_config_errors(tmp_path):
 
 def test_every_field_has_a_default():
     """Config() must be constructible from nothing; presets only override."""
+
     def walk(obj):
         for f in dataclasses.fields(obj):
             assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name
             value = getattr(obj, f.name)
             if dataclasses.is_dataclass(value):
                 walk(value)
+
     walk(Config())
 
 
@@ -237,6 +239,12 @@ def test_presets_exist():
 @pytest.mark.parametrize("preset", PRESETS, ids=[str(p.relative_to(REPO / "configs")) for p in PRESETS])
 def test_shipped_preset_loads(preset):
     spec = yaml.safe_load(preset.read_text())
+    if isinstance(spec, dict) and "presets" in spec:
+        # a job array (megatron_mgt/job_array.py): every run it lists must load
+        from megatron_mgt.job_array import load_array
+
+        assert load_array(preset)
+        return
     if isinstance(spec, dict) and "experiment" in spec:
         # an experiment preset (megatron_mgt/experiments): a different schema whose `base`
         # names a training preset; both must load

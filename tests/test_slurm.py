@@ -244,3 +244,63 @@ def test_a_failing_job_reports_its_exit_code_and_is_not_requeued(slurm_cluster, 
     assert out.returncode != 0, log
     assert "unknown config key 'model.n_layer' (did you mean 'n_layers'?)" in log
     assert "ranks exited with status" in log and "requeueing" not in log
+
+
+def test_wt103_job_array_runs_each_task_into_its_own_run_directory(slurm_cluster, corpus, tmp_path):
+    """slurm/wt103_stability.sh unchanged: an array file of 2 variants x 1 depth at CPU size
+    (configs/wt103/cpu.yaml with the synthetic corpus), one task per run on its own node,
+    per-run directories and wandb groups; a resubmitted task resumes its run."""
+    train, valid = corpus
+    runs_root = tmp_path / "runs"
+    array = tmp_path / "array.yaml"
+    array.write_text(
+        f"name: wt_test\nruns_root: {runs_root}\npresets: {{3: {REPO / 'configs/wt103/cpu.yaml'}}}\nvariants: [mgt, preln]\nseeds: [1]\n"
+    )
+    tiny = {
+        "data.train_prefix": train,
+        "data.valid_prefix": valid,
+        "data.test_prefix": valid,
+        "data.tokenizer": "",
+        "model.vocab_size": 256,
+        "model.max_seq_len": 32,
+        "data.seq_len": 32,
+        "train.warmup_steps": 1,
+        "train.save_every": 2,
+        "train.eval_every": 2,
+        "log.geometry_every": 2,
+        "log.every": 1,
+        "log.wandb": "disabled",
+        "log.progress": False,
+    }
+    (tmp_path / "logs").mkdir()
+
+    def env(max_steps: int) -> dict[str, str]:
+        overrides = " ".join(f"{k}={v}" for k, v in {**tiny, "train.max_steps": max_steps}.items())
+        return dict(os.environ, MGT_PYTHON=sys.executable, PYTHONPATH=str(REPO), MGT_ARRAY=str(array), MGT_BACKEND="gloo", WANDB_MODE="disabled",
+                    MGT_TASKS_PER_NODE="1", MGT_CPUS_PER_TASK="1", MGT_OVERRIDES=overrides, SBATCH_OUTPUT=str(tmp_path / "logs" / "%x-%A_%a.out"), SBATCH_TIMELIMIT="15")  # fmt: skip
+
+    started = time.monotonic()
+    out = subprocess.run(["timeout", str(JOB_TIMEOUT), "sbatch", "--wait", "--parsable", "--array=0-1", "slurm/wt103_stability.sh"], cwd=REPO, env=env(4), capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{job_log(tmp_path)}"
+    log = job_log(tmp_path)
+    assert "array task 0 of" in log and "-> mgt_L3_s1" in log and "array task 1 of" in log and "-> preln_L3_s1" in log, log
+    for variant in ("mgt", "preln"):
+        run = runs_root / "wt_test" / f"{variant}_L3_s1"
+        config = (run / "config.yaml").read_text()
+        assert (
+            f"residual: {variant}" in config
+            and "n_layers: 3" in config
+            and "wandb_group: wt_test" in config
+            and "run_name: " + f"{variant}_L3_s1" in config
+        )
+        assert [r["step"] for r in records(run, "train")] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in records(run, "train"))
+        assert [r["step"] for r in records(run, "geometry")] == [0, 2, 4]
+        assert (run / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    # resubmit task 1 with a longer horizon: it continues its own run
+    out = subprocess.run(["timeout", str(JOB_TIMEOUT), "sbatch", "--wait", "--parsable", "--array=1", "slurm/wt103_stability.sh"], cwd=REPO, env=env(6), capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{job_log(tmp_path)}"
+    run = runs_root / "wt_test" / "preln_L3_s1"
+    assert any(e["event"] == "resumed" and e["step"] == 4 for e in records(run, "event"))
+    assert [r["step"] for r in records(run, "train")] == list(range(1, 7))
+    assert [r["step"] for r in records(runs_root / "wt_test" / "mgt_L3_s1", "train")] == [1, 2, 3, 4]  # untouched
+    print(f"wt103 array: 2 tasks + 1 resubmission in {time.monotonic() - started:.1f} s")
