@@ -38,7 +38,25 @@ ENGINES = {
         "parallel.zero_stage": 2,
         "parallel.deepspeed_config": "configs/deepspeed/zero2.json",
     },
+    "zero3": {
+        "train.micro_batch_size": GLOBAL_MICRO // 2,
+        "parallel.engine": "deepspeed_zero",
+        "parallel.zero_stage": 3,
+        "parallel.deepspeed_config": "configs/deepspeed/zero3.json",
+    },
+    # an untied head (a pipeline layer of its own) and recomputation of every layer in backward
+    "single_untied": {"train.micro_batch_size": GLOBAL_MICRO, "model.tie_embeddings": False},
+    "pipe_ckpt": {
+        "train.micro_batch_size": GLOBAL_MICRO,
+        "parallel.engine": "deepspeed_pipe",
+        "parallel.pipeline_stages": 2,
+        "parallel.deepspeed_config": "configs/deepspeed/pipe_zero1.json",
+        "model.tie_embeddings": False,
+        "parallel.activation_checkpoint_interval": 1,
+    },
 }
+# engine -> the one-process run it must match
+REFERENCE = {"pipe": "single", "fsdp": "single", "zero2": "single", "zero3": "single", "pipe_ckpt": "single_untied"}
 COMMON = {
     "train.max_steps": STEPS,
     "train.grad_accum_steps": 2,
@@ -68,7 +86,7 @@ def launch(engine: str, args: list[str], timeout: float = TIMEOUT) -> subprocess
     otherwise. The launcher gets its own session and the whole group is killed on timeout
     (killing torchrun alone leaves its workers running)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled", OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    if engine == "single":
+    if engine.startswith("single"):
         cmd = [sys.executable, "-m", "megatron_mgt.train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "megatron_mgt.train", *args]

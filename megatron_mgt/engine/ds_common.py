@@ -74,11 +74,15 @@ def deepspeed_config(cfg: Config, dp_size: int, bf16: bool) -> dict:
     tc = cfg.train
     zero = dict(extra.pop("zero_optimization", {}))
     if "stage" in zero and zero["stage"] != cfg.parallel.zero_stage:
-        raise ConfigError(f"parallel.deepspeed_config {source}: zero_optimization.stage={zero['stage']} disagrees with parallel.zero_stage={cfg.parallel.zero_stage}")
+        raise ConfigError(
+            f"parallel.deepspeed_config {source}: zero_optimization.stage={zero['stage']} disagrees with parallel.zero_stage={cfg.parallel.zero_stage}"
+        )
     zero["stage"] = cfg.parallel.zero_stage
     bf16_section = dict(extra.pop("bf16", {}))
     if "enabled" in bf16_section and bool(bf16_section["enabled"]) != bf16:
-        raise ConfigError(f"parallel.deepspeed_config {source}: bf16.enabled={bf16_section['enabled']} disagrees with train.precision={tc.precision} on this device")
+        raise ConfigError(
+            f"parallel.deepspeed_config {source}: bf16.enabled={bf16_section['enabled']} disagrees with train.precision={tc.precision} on this device"
+        )
     bf16_section["enabled"] = bf16
     config = {
         "steps_per_print": 10**9,  # the trainer logs
@@ -103,7 +107,12 @@ def update_norm(cfg: Config, engine, device: torch.device, counted_twice: torch.
     last stage), taken out of the sum."""
     if not (cfg.stability.enabled and cfg.stability.update_norm and engine.was_step_applied()):
         return None
-    sq = adamw_update_sq_norm(inner_adamw(engine.optimizer), scheduled_lrs(engine.lr_scheduler))
+    adamw, params = inner_adamw(engine.optimizer), None
+    if hasattr(engine.optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3 hands AdamW one sub-group at a time
+        params = [[] for _ in adamw.param_groups]
+        for sub_group, flat in enumerate(engine.optimizer.fp32_partitioned_groups_flat):
+            params[engine.optimizer.sub_group_to_group_id[sub_group]].append(flat)
+    sq = adamw_update_sq_norm(adamw, scheduled_lrs(engine.lr_scheduler), params)
     if counted_twice is not None:
         sq = sq - counted_twice.double().cpu()
     return math.sqrt(max(0.0, float(all_sum(sq.to(device)))))

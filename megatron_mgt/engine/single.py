@@ -65,19 +65,20 @@ def scheduled_lrs(scheduler: torch.optim.lr_scheduler.LambdaLR) -> list[float]:
 
 
 @torch.no_grad()
-def adamw_update_sq_norm(optimizer: torch.optim.AdamW, lrs: list[float]) -> torch.Tensor:
+def adamw_update_sq_norm(optimizer: torch.optim.AdamW, lrs: list[float], params: list[list[torch.Tensor]] | None = None) -> torch.Tensor:
     """|theta_new - theta_old|^2 of the AdamW step just taken, over the parameters this rank
     holds, from its state (no copy of the weights). torch's AdamW does
     theta <- theta (1 - c) - s m / (sqrt(v / bc2) + eps) with c = lr wd, s = lr / bc1, so
     theta_new - theta_old = -(c theta_new + s m / (sqrt(v / bc2) + eps)) / (1 - c).
     Sharded states (FSDP DTensors, ZeRO partitions) give this rank's share: sum over ranks.
-    Computed with foreach kernels, UPDATE_NORM_CHUNK elements of temporaries at a time."""
+    Computed with foreach kernels, UPDATE_NORM_CHUNK elements of temporaries at a time.
+    `params[i]` replaces group i's parameter list (ZeRO-3 empties it between steps)."""
     total = None
-    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+    for i, (group, lr) in enumerate(zip(optimizer.param_groups, lrs, strict=True)):
         beta1, beta2 = group["betas"]
         c = lr * group["weight_decay"]
         by_step: dict[float, list[tuple[torch.Tensor, ...]]] = {}
-        for p in group["params"]:
+        for p in group["params"] if params is None else params[i]:
             state = optimizer.state.get(p, {})
             if "exp_avg" in state:
                 local = [t.to_local() if hasattr(t, "to_local") else t for t in (p.detach(), state["exp_avg"], state["exp_avg_sq"])]
