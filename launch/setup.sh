@@ -23,6 +23,12 @@ done
 PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
 # torch first: anything that pulls torch unpinned would otherwise fetch a multi-GB CUDA build.
 [ "$TORCH" = "skip" ] || $PIP install "$TORCH"
+if [ "$TORCH" = "skip" ]; then
+  # keep the user's own (CUDA) torch: the CPU constraints must not pin it
+  FILTERED="$VENV/.constraints-without-torch.txt"
+  grep -v '^torch==' "$CONSTRAINTS" > "$FILTERED"
+  CONSTRAINTS=$FILTERED
+fi
 $PIP install -c "$CONSTRAINTS" -e ".$EXTRAS"
 echo "$want" > "$VENV/.mgt-installed$EXTRAS"
 echo "setup: installed into $VENV"
