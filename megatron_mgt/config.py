@@ -176,6 +176,7 @@ class StabilityConfig:
 
     enabled: bool = True
     response: Literal["record", "skip", "rollback"] = "record"
+    act_on: Literal["loss", "any"] = "loss"  # what skip / rollback respond to: loss spikes + non-finite, or every kind
     window: int = 100  # running mean / std over the last N accepted steps
     min_history: int = 20  # no spike test before this many accepted steps
     z: float = 6.0  # spike: value > mean + max(z * std, rel * |mean|)

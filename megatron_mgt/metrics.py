@@ -20,6 +20,13 @@ from pathlib import Path
 from megatron_mgt.config import Config, to_dict
 
 ANOMALIES = "anomalies.jsonl"
+SLURM_VARS = {
+    "job_id": "SLURM_JOB_ID",
+    "array_job_id": "SLURM_ARRAY_JOB_ID",
+    "array_task": "SLURM_ARRAY_TASK_ID",
+    "restart": "SLURM_RESTART_COUNT",
+    "node": "SLURMD_NODENAME",
+}
 LIBRARIES = ("torch", "numpy", "deepspeed", "sentencepiece", "datasets", "wandb", "flash-attn")
 
 
@@ -44,7 +51,9 @@ def git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit + ("-dirty" if dirty else "")) or "unknown"
@@ -66,6 +75,7 @@ def provenance(device: str) -> dict:
         "cpu_count": os.cpu_count(),
         "argv": sys.argv,
         "libraries": versions,
+        "slurm": {key: os.environ[var] for key, var in SLURM_VARS.items() if var in os.environ},
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 

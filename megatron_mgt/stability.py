@@ -7,11 +7,13 @@ spike when, after `stability.min_history` accepted steps,
     x > mu_k + max(z * sigma_k, rel_k * |mu_k|)
 
 with mu_k, sigma_k the mean and standard deviation of k over the last `stability.window`
-accepted steps (steps with an anomaly are not added, so a spike does not raise its own bar);
+accepted values (a spike is not added, so it does not raise its own bar);
 rel_k is `loss_rel`, `grad_norm_rel` or `update_norm_rel`. A non-finite loss or gradient norm
 is an anomaly of kind `non_finite`.
 
-Responses (`stability.response`):
+Responses (`stability.response`) to the anomalies `stability.act_on` names (`loss`: loss
+spikes and non-finite values, the default; `any`: gradient- and update-norm spikes too;
+the rest are recorded):
     record    log it and go on (a non-finite value still stops the run: nothing can follow it);
     skip      withhold the optimizer step of a loss / gradient-norm / non-finite anomaly: the
               batch is dropped, weights, AdamW moments and lr schedule stay where they were,
@@ -98,8 +100,13 @@ class StabilityMonitor:
                 found.append(Anomaly(kind, value, mean, std, threshold))
         return found
 
+    def triggers(self, anomaly: Anomaly) -> bool:
+        """Whether `anomaly` calls for the configured response (`stability.act_on`: loss
+        spikes and non-finite values, or every kind); the others are recorded only."""
+        return self.cfg.act_on == "any" or anomaly.metric in ("loss", "non_finite")
+
     def accept(self, values: dict[str, float]) -> None:
-        """Add a step without anomalies to the running statistics."""
+        """Add values that were not anomalous to the running statistics."""
         for kind, value in values.items():
             if value is not None and math.isfinite(value):
                 self.history[kind].append(value)

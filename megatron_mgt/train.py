@@ -187,7 +187,14 @@ def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: fl
         return inputs, targets
 
     def checkpoint() -> str:
-        state = {"step": step, "loader": loader.state_dict(), "rng": rng_state(), "config": to_dict(cfg), "world_size": engine.world_size, "train_seconds": train_seconds}
+        state = {
+            "step": step,
+            "loader": loader.state_dict(),
+            "rng": rng_state(),
+            "config": to_dict(cfg),
+            "world_size": engine.world_size,
+            "train_seconds": train_seconds,
+        }
         if monitor is not None:
             state["stability"] = monitor.state_dict()
 
@@ -220,7 +227,7 @@ def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: fl
         saved = checkpoint()  # something to roll back to before the first checkpoint
     gate = None
     if monitor is not None and cfg.stability.response == "skip":
-        gate = lambda loss, grad_norm: not monitor.check({"loss": loss, "grad_norm": grad_norm})  # noqa: E731
+        gate = lambda loss, grad_norm: not any(map(monitor.triggers, monitor.check({"loss": loss, "grad_norm": grad_norm})))  # noqa: E731
     window_time, window_steps = 0.0, 0
     bar = tqdm(total=tc.max_steps, initial=step, disable=not (cfg.log.progress and engine.is_main), dynamic_ncols=True, desc=run_dir.name)
     try:
@@ -244,30 +251,28 @@ def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: fl
                 else:
                     values = {"loss": out["loss"], "grad_norm": out["grad_norm"], "update_norm": out.get("update_norm")}
                     anomalies = monitor.check(values)
-                    if not anomalies:
-                        monitor.accept(values)
-                    else:
-                        response = cfg.stability.response
-                        for anomaly in anomalies:
-                            acted = response == "rollback" or (response == "skip" and not out["applied"])
-                            log.log(anomaly.record(step + 1, response if acted else "record", out["applied"], position))
-                        if response == "rollback" or (response == "skip" and not out["applied"]):
-                            monitor.actions += 1
-                            if monitor.actions > cfg.stability.max_actions:
-                                raise TrainingDiverged(
-                                    f"step {step + 1}: {monitor.actions} skips/rollbacks exceed stability.max_actions={cfg.stability.max_actions}"
-                                )
-                        if response == "rollback":
-                            monitor.skip_positions.add(position)
-                            target = find_checkpoint(ckpt_root, "auto")
-                            restore(target)
-                            bar.n = step
-                            log.log(
-                                {"kind": "event", "step": step, "event": "rollback", "checkpoint": str(target), "skip_position": position}
+                    flagged = {a.metric for a in anomalies}
+                    monitor.accept({k: v for k, v in values.items() if k not in flagged})
+                    acting = [a for a in anomalies if monitor.triggers(a)]
+                    response = cfg.stability.response if acting else "record"
+                    acted = response == "rollback" or (response == "skip" and not out["applied"])
+                    for anomaly in anomalies:
+                        log.log(anomaly.record(step + 1, response if acted and anomaly in acting else "record", out["applied"], position))
+                    if acted:
+                        monitor.actions += 1
+                        if monitor.actions > cfg.stability.max_actions:
+                            raise TrainingDiverged(
+                                f"step {step + 1}: {monitor.actions} skips/rollbacks exceed stability.max_actions={cfg.stability.max_actions}"
                             )
-                            continue
-                        if not finite and (response == "record" or out["applied"]):
-                            raise diverged(out)  # nothing can follow a non-finite step that was kept
+                    if response == "rollback":
+                        monitor.skip_positions.add(position)
+                        target = find_checkpoint(ckpt_root, "auto")
+                        restore(target)
+                        bar.n = step
+                        log.log({"kind": "event", "step": step, "event": "rollback", "checkpoint": str(target), "skip_position": position})
+                        continue
+                    if not finite and (response == "record" or out["applied"]):
+                        raise diverged(out)  # nothing can follow a non-finite step that was kept
                 step += 1
                 last_loss = out["loss"]
                 bar.update(1)

@@ -304,3 +304,62 @@ def test_wt103_job_array_runs_each_task_into_its_own_run_directory(slurm_cluster
     assert [r["step"] for r in records(run, "train")] == list(range(1, 7))
     assert [r["step"] for r in records(runs_root / "wt_test" / "mgt_L3_s1", "train")] == [1, 2, 3, 4]  # untouched
     print(f"wt103 array: 2 tasks + 1 resubmission in {time.monotonic() - started:.1f} s")
+
+
+def test_experiment_runner_array_splits_the_grid(slurm_cluster, corpus, tmp_path):
+    """slurm/experiment.sh: two array tasks run the same depth_scaling experiment on one run
+    pool; each trains one of the two runs (non-blocking pool locks) and both report all."""
+    import yaml
+
+    train, valid = corpus
+    base = {
+        "model": {"vocab_size": 256, "d_model": 32, "n_heads": 2, "max_seq_len": 32},
+        "data": {"seq_len": 32, "train_prefix": train, "valid_prefix": valid},
+        "train": {
+            "seed": 1,
+            "micro_batch_size": 4,
+            "max_steps": 30,
+            "warmup_steps": 2,
+            "eval_every": 0,
+            "eval_batches": 2,
+            "save_every": 10,
+            "threads": 1,
+            "device": "cpu",
+        },
+        "log": {"every": 5, "wandb": "disabled", "progress": False},
+        "eval": {"batches": 2, "geometry_batch": 2},
+    }
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    preset = tmp_path / "depth.yaml"
+    grid = {"variants": ["preln", "mgt"], "depths": [2], "seeds": [1]}
+    preset.write_text(
+        yaml.safe_dump(
+            {"experiment": "depth_scaling", "base": "base.yaml", "out": str(tmp_path / "out"), "pool": str(tmp_path / "pool"), "grid": grid}
+        )
+    )
+    (tmp_path / "logs").mkdir()
+    env = dict(os.environ, MGT_PYTHON=sys.executable, PYTHONPATH=str(REPO), WANDB_MODE="disabled", SBATCH_OUTPUT=str(tmp_path / "logs" / "%x-%A_%a.out"), SBATCH_TIMELIMIT="15")  # fmt: skip
+    cmd = [
+        "timeout",
+        str(JOB_TIMEOUT),
+        "sbatch",
+        "--wait",
+        "--parsable",
+        "--array=0-1",
+        "slurm/experiment.sh",
+        "depth_scaling",
+        str(preset),
+    ]
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{job_log(tmp_path)}"
+    runs = sorted(p for p in (tmp_path / "pool").iterdir() if p.is_dir())
+    assert len(runs) == 2
+    tasks = set()
+    for run in runs:
+        assert [r["step"] for r in records(run, "train")] == [5, 10, 15, 20, 25, 30]  # trained once, by one task
+        assert (run / "eval" / "eval.json").is_file()
+        tasks.add(json.loads((run / "provenance.json").read_text())["slurm"]["array_task"])
+    assert tasks == {"0", "1"}, "each task trains one run"
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["centered"] is True and len(results["runs"]) == 2
+    assert job_log(tmp_path).count("runner exited with status 0") == 2

@@ -18,12 +18,13 @@ from megatron_mgt.data.indexed import bin_path, idx_path
 from megatron_mgt.data.loader import TokenBatchLoader
 from megatron_mgt.engine.single import SingleEngine, adamw_update_sq_norm, scheduled_lrs
 from megatron_mgt.metrics import read_metrics
-from megatron_mgt.stability import PRE_STEP_KINDS, StabilityMonitor
+from megatron_mgt.stability import PRE_STEP_KINDS, Anomaly, StabilityMonitor
 from megatron_mgt.train import train
 from tests.conftest import tiny_overrides
 
 SPIKE_STEP, STEPS, SEQ, BATCH, SEED = 14, 18, 32, 4, 1234
-MONITOR = {"stability.window": 6, "stability.min_history": 6, "stability.z": 3.0, "stability.loss_rel": 0.15}
+# act_on=any: on this tiny model the corrupted batch trips the gradient norm, not the loss
+MONITOR = {"stability.window": 6, "stability.min_history": 6, "stability.z": 3.0, "stability.loss_rel": 0.15, "stability.act_on": "any"}
 
 
 def test_spike_rule():
@@ -130,6 +131,19 @@ def test_rollback_replays_the_data_order_and_leaves_out_the_bad_batch(bad_shard,
     run(bad_shard, tmp_path / "c", "rollback")
     assert [x for x in losses(tmp_path / "c") if x[0] > SPIKE_STEP + 1] == [x for x in replay if x[0] > SPIKE_STEP + 1]
     assert len(read_metrics(tmp_path / "c" / "metrics.jsonl", "anomaly")) == 1
+
+
+def test_act_on_loss_records_norm_spikes_only(bad_shard, tmp_path):
+    result = run(bad_shard, tmp_path / "run", "rollback", **{"stability.act_on": "loss"})
+    assert result.status == "finished"
+    (spike,) = read_metrics(tmp_path / "run" / "metrics.jsonl", "anomaly")
+    assert spike["metric"] == "grad_norm" and spike["response"] == "record"  # not a loss spike: no rollback
+    assert not [e for e in read_metrics(tmp_path / "run" / "metrics.jsonl", "event") if e["event"] == "rollback"]
+    monitor = StabilityMonitor(StabilityConfig(act_on="loss"))
+    assert [
+        monitor.triggers(a)
+        for a in (Anomaly("loss", 1, 0, 0, 0), Anomaly("non_finite", math.nan, 0, 0, 0), Anomaly("update_norm", 1, 0, 0, 0))
+    ] == [True, True, False]
 
 
 def test_too_many_actions_stop_the_run(bad_shard, tmp_path):

@@ -23,6 +23,7 @@ import fcntl
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,16 @@ from megatron_mgt.train import TrainingDiverged, resolve_device, train
 PAPER_VARIANTS = ("preln", "postln", "deepnorm", "mhc", "ddl", "mgt")
 COMPARATORS = ("ddl_rank1", "mhc_nstream")  # used when registered in RESIDUAL_RULES at run time
 # Config keys that do not change what a run computes (excluded from the run hash).
-_VOLATILE = ("train.run_dir", "train.threads", "train.resume", "train.exit_at_step", "train.exit_after_minutes", "train.device", "log.", "data.prepare_default")
+_VOLATILE = (
+    "train.run_dir",
+    "train.threads",
+    "train.resume",
+    "train.exit_at_step",
+    "train.exit_after_minutes",
+    "train.device",
+    "log.",
+    "data.prepare_default",
+)
 
 
 @dataclass
@@ -57,7 +67,9 @@ class Experiment:
     grid: dict = field(default_factory=dict)
 
 
-def load_experiment(name: str, preset: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None, pool: str | Path | None = None) -> Experiment:
+def load_experiment(
+    name: str, preset: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None, pool: str | Path | None = None
+) -> Experiment:
     """Read an experiment preset. Overrides `grid.key=value` change the grid, anything else
     is a dotted Config override applied to every run."""
     path = Path(preset)
@@ -160,10 +172,13 @@ def _is_finished(run_dir: Path, cfg: Config) -> bool:
     return ckpt is not None and ckpt.name == f"step_{cfg.train.max_steps:08d}" and (run_dir / "eval" / "eval.json").is_file()
 
 
-def ensure_run(cfg: Config, pool: Path, tag: str = "", evolution: bool = False, progress: bool = True, report_only: bool = False) -> RunOutcome:
+def ensure_run(
+    cfg: Config, pool: Path, tag: str = "", evolution: bool = False, progress: bool = True, report_only: bool = False, wait: bool = True
+) -> RunOutcome | None:
     """Train (or resume) and evaluate one run in the pool unless it is finished; with
     `evolution`, also the geometry of every kept checkpoint (eval/evolution.json). With
-    `report_only`, an unfinished run is not trained and comes back with status 'missing'."""
+    `report_only`, an unfinished run is not trained and comes back with status 'missing'.
+    A run another process holds is waited for, or with `wait=False` left (None returned)."""
     name = run_name(cfg, tag)
     run_dir = pool / name
     cfg = derive(cfg, {"train.run_dir": str(run_dir), "train.resume": "auto", "log.progress": progress})
@@ -172,7 +187,10 @@ def ensure_run(cfg: Config, pool: Path, tag: str = "", evolution: bool = False, 
     run_dir.mkdir(parents=True, exist_ok=True)
     trained_now = False
     with open(pool / f".{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another runner on the same pool waits here
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))  # another runner on the same pool has it
+        except BlockingIOError:
+            return None
         if not _is_finished(run_dir, cfg):
             trained_now = True
             t0 = time.monotonic()
@@ -215,7 +233,10 @@ def checkpoint_evolution(cfg: Config, run_dir: Path) -> dict:
     probe = probe.to(device)
 
     def record(model, step: int) -> dict:
-        losses = [lm_loss(model(x.to(device)), y.to(device)).item() for x, y in eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches)]
+        losses = [
+            lm_loss(model(x.to(device)), y.to(device)).item()
+            for x, y in eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches)
+        ]
         snap = geometry_snapshot(model, probe, cfg.eval.center)
         return {"step": step, "valid_loss": sum(losses) / len(losses), **snap}
 
@@ -235,19 +256,29 @@ REPORT_ONLY = False  # set by `mgt-experiment --report-only`: tabulate finished 
 
 
 def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evolution: bool = False) -> list[RunOutcome]:
-    """ensure_run over (config, tag) pairs with a progress bar over runs. In report-only
-    mode, runs that are not finished are left out (with a note)."""
-    outcomes = []
-    bar = tqdm(specs, desc=desc, unit="run", dynamic_ncols=True)
-    for cfg, tag in bar:
-        bar.set_postfix_str(run_name(cfg, tag))
-        outcome = ensure_run(cfg, pool, tag, evolution=evolution, report_only=REPORT_ONLY)
-        if outcome.status == "missing":
-            tqdm.write(f"[{desc}] {outcome.name}: not finished, left out (report-only)")
-        else:
-            outcomes.append(outcome)
+    """ensure_run over (config, tag) pairs with a progress bar over runs. Runs that another
+    runner on the same pool is training are passed over first and waited for at the end, so
+    several runners (the tasks of slurm/experiment.sh) split a grid between them. In
+    report-only mode, runs that are not finished are left out (with a note)."""
+    outcomes: dict[int, RunOutcome] = {}
+    bar = tqdm(total=len(specs), desc=desc, unit="run", dynamic_ncols=True)
+    for wait in (False, True):
+        for i, (cfg, tag) in enumerate(specs):
+            if i in outcomes:
+                continue
+            bar.set_postfix_str(run_name(cfg, tag))
+            outcome = ensure_run(cfg, pool, tag, evolution=evolution, report_only=REPORT_ONLY, wait=wait)
+            if outcome is not None:
+                outcomes[i] = outcome
+                bar.update(1)
     bar.close()
-    return outcomes
+    kept = []
+    for i in range(len(specs)):
+        if outcomes[i].status == "missing":
+            tqdm.write(f"[{desc}] {outcomes[i].name}: not finished, left out (report-only)")
+        else:
+            kept.append(outcomes[i])
+    return kept
 
 
 def run_summary(o: RunOutcome) -> dict:
@@ -331,9 +362,16 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]], digi
 def write_results(exp: Experiment, results: dict, markdown: str) -> None:
     """results.json (with the training config and grid) and results.md into exp.out."""
     exp.out.mkdir(parents=True, exist_ok=True)
-    results = {"experiment": exp.name, "grid": exp.grid, "base_config": config_key(exp.base), "pool": str(exp.pool), **results}
+    results = {
+        "experiment": exp.name,
+        "grid": exp.grid,
+        "centered": exp.base.eval.center,
+        "base_config": config_key(exp.base),
+        "pool": str(exp.pool),
+        **results,
+    }
     _write_json(exp.out / "results.json", results)
-    tmp = exp.out / ".results.md.tmp"
+    tmp = exp.out / f".results.md.{os.getpid()}.tmp"  # several runners may report into one out dir
     tmp.write_text(markdown)
     tmp.replace(exp.out / "results.md")
 
@@ -355,7 +393,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True))
     tmp.replace(path)
 
