@@ -134,7 +134,10 @@ def tokenize_to_shards(
         raise ValueError("out_prefixes must name at least one split")
     model_file = os.fspath(model_file)
     tokenizer = Tokenizer(model_file)
-    dtype = choose_dtype(tokenizer.vocab_size)
+    try:
+        dtype = choose_dtype(tokenizer.vocab_size)
+    except ValueError as err:
+        raise ShardError(f"tokenizer {model_file}: {err}") from err
     counts = {split: {"documents": 0, "tokens": 0, "chars": 0} for split in out_prefixes}
     start = time.perf_counter()
     with ExitStack() as stack:

@@ -71,6 +71,7 @@ class ModelConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    final_norm: bool = True  # LayerNorm before the LM head (spec 1: standard; an open knob)
     residual: str = "mgt"
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -314,6 +315,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.mhc_streams and model.mhc_nstream.sinkhorn_iters must be >= 1")
     if m.mhc_streams > 1 and not 0 < m.mhc_nstream.res_diag_init < 1:
         raise ConfigError(f"model.mhc_nstream.res_diag_init={m.mhc_nstream.res_diag_init} must lie strictly inside (0, 1)")
+    if not m.final_norm and cfg.parallel.engine == "deepspeed_pipe":
+        raise ConfigError("model.final_norm=false is not supported by parallel.engine=deepspeed_pipe yet (its layer specs and checkpoint layout hold a final-norm stage)")
     if m.residual == "mhc_nstream" and cfg.parallel.engine == "deepspeed_pipe":
         raise ConfigError("model.residual=mhc_nstream is not supported by parallel.engine=deepspeed_pipe yet (its layer specs carry a [B, T, d] stream)")
     for name in ("n_layers", "d_model", "n_heads", "vocab_size"):

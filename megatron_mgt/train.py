@@ -100,6 +100,17 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def peak_memory_all_ranks(engine) -> float:
+    """The largest peak_memory_gib over all ranks (every rank must call it): the pipeline's
+    fullest stage, not just rank 0's."""
+    peak = torch.tensor([peak_memory_gib(engine.device)], device=engine.device)
+    if engine.world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak.item())
+
+
 def model_matmul_params(cfg: Config) -> int:
     """Matmul weights of the whole model (whatever part this rank holds), from a meta model."""
     with torch.device("meta"):
@@ -291,7 +302,7 @@ def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: fl
                         record["update_norm"] = out["update_norm"]
                     if peak:
                         record["mfu"] = step_flops * window_steps / window_time / peak
-                    record["peak_mem_gib"] = peak_memory_gib(device)
+                    record["peak_mem_gib"] = peak_memory_all_ranks(engine)
                     log.log(record)
                     bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:.0f}", mfu=f"{record.get('mfu', float('nan')):.1%}")
                     window_time, window_steps = 0.0, 0

@@ -312,6 +312,20 @@ def test_tied_embeddings_share_storage_untied_do_not():
     assert tied.head.weight[0, 0].item() == 123.0
 
 
+@pytest.mark.parametrize("residual", ["mgt", "mhc_nstream"])
+def test_without_final_norm_the_head_reads_the_last_stream(residual):
+    """model.final_norm=false (an open knob of the spec): no LayerNorm before the head."""
+    model = Transformer(tiny(residual, final_norm=False)).eval()
+    assert not any(k.startswith("norm.") for k in model.state_dict())
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    hidden: list[torch.Tensor] = []
+    logits = model(tokens, hidden=hidden)
+    assert torch.allclose(logits, model.head(hidden[-1]), atol=1e-6)
+    with_norm = Transformer(tiny(residual)).eval()
+    assert torch.allclose(with_norm(tokens, hidden=(h := [])), with_norm.head(with_norm.norm(h[-1])), atol=1e-6)
+    assert torch.isfinite(lm_loss(logits, tokens)).item()
+
+
 @pytest.mark.parametrize("residual, tie", [("mgt", True), ("preln", False), ("postln", True)])
 def test_pipeline_stages_compose_to_full_model(residual, tie):
     torch.manual_seed(8)

@@ -108,3 +108,27 @@ def test_vocab_mismatch_with_data_is_a_clear_error(zipf_shards, tmp_path):
     cfg = load_config(None, tiny_overrides(*zipf_shards, tmp_path / "run", **{"model.vocab_size": 100}))
     with pytest.raises(ValueError, match="vocab"):
         train(cfg)
+
+
+def test_lr_schedule_is_linear_warmup_then_cosine():
+    from megatron_mgt.config import TrainConfig
+    from megatron_mgt.engine.single import lr_factor
+
+    t = TrainConfig(warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
+    assert [lr_factor(s, t) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, t) == pytest.approx(1.0)
+    assert lr_factor(9, t) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert lr_factor(14, t) == pytest.approx(0.1) and lr_factor(30, t) == pytest.approx(0.1)
+
+
+def test_wandb_mode_auto(monkeypatch, tmp_path):
+    from megatron_mgt.metrics import wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert wandb_mode("auto") == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password key\n")
+    assert wandb_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode("auto") == "disabled" and wandb_mode("offline") == "offline"

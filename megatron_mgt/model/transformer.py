@@ -26,7 +26,7 @@ class Transformer(nn.Module):
         self.rule_type = rule_type(cfg)  # its expand/collapse hooks shape the residual stream
         self.embed: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
-        self.norm: nn.Module | None = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm: nn.Module | None = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         self.head: nn.Linear | None = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
         if cfg.tie_embeddings:
