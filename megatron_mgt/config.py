@@ -30,7 +30,9 @@ class MGTConfig:
     """Open knobs of the MGT update (spec section 1); used by `mhc`, `ddl` and `mgt`.
 
     beta = lam * tanh(X W_beta + b_beta) + eps, so beta lies in [eps - lam, eps + lam].
-    Defaults are provisional until the sweep of the evaluation protocol chooses them.
+    Defaults chosen by the knob sweep of docs/RESULTS.md section 7 (12 layers, CPU size, one
+    knob at a time): each is the best or tied-best value tried there. The evidence is weak
+    (one seed, 61k tokens); beta_init is the one to re-test at 100-200 layers.
     """
 
     lam: float = 1.0
@@ -44,7 +46,7 @@ class MGTConfig:
 
 @dataclass
 class Rank1DDLConfig:
-    """Knobs of the `ddl_rank1` comparator (docs/RESIDUALS.md); provisional defaults."""
+    """Knobs of the `ddl_rank1` comparator (docs/RESIDUALS.md); defaults not swept (provisional)."""
 
     beta_init: float = 0.1  # beta at init, in (0, 2): w = 0, b = logit(beta_init / 2)
     value_input: Literal["x", "ln"] = "x"  # the scalar value v = w_v . C + b_v reads C = X_l or LN(X_l)
