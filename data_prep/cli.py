@@ -102,6 +102,10 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     print(format_summary(inspect_shard(args.prefix, args.tokenizer, args.sample), args.sample_chars))
 
 
+def _log(message: str) -> None:
+    print(f"[mgt-prep] {message}", flush=True)
+
+
 def _cmd_prepare_default(args: argparse.Namespace) -> None:
     result = prepare_default(
         args.out,
@@ -110,7 +114,7 @@ def _cmd_prepare_default(args: argparse.Namespace) -> None:
         cache_dir=args.cache_dir,
         force=args.force,
         progress=not args.quiet,
-        log=lambda message: print(f"[mgt-prep] {message}", flush=True),
+        log=_log,
     )
     print(json.dumps(result.meta, indent=2))
 
@@ -124,7 +128,7 @@ def _cmd_wikitext(args: argparse.Namespace) -> None:
         tokenizer_max_chars=args.tokenizer_max_chars,
         workers=args.workers,
         progress=not args.quiet,
-        log=lambda message: print(f"[mgt-prep] {message}", flush=True),
+        log=_log,
     )
     for split, s in meta["splits"].items():
         print(f"{split}: {args.out}/{split}.bin/.idx  {s['articles']:,} articles, {s['tokens']:,} tokens, {s['words']:,} words")
