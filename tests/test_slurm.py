@@ -25,7 +25,11 @@ import pytest
 from tests.conftest import write_zipf_shard
 
 REPO = Path(__file__).resolve().parents[1]
-SLURM_LOCAL = REPO.parent / "shared" / "tools" / "slurm-local"
+# The harness beside the repository (../shared, as in CI), else $MGT_SLURM_LOCAL.
+SLURM_LOCAL = next(
+    (p for p in (Path(os.environ.get("MGT_SLURM_LOCAL", "/nonexistent")), REPO.parent / "shared" / "tools" / "slurm-local") if (p / "start.sh").is_file()),
+    REPO.parent / "shared" / "tools" / "slurm-local",
+)
 SCRIPT = "slurm/mgt_200l.sh"
 JOB_TIMEOUT = 600  # s per sbatch --wait; a job that cannot be scheduled would wait forever
 
