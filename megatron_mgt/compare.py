@@ -16,7 +16,8 @@ Per run (from RUN/config.yaml, metrics.jsonl and, when mgt-eval ran, eval/eval.j
 
 A run resumed or rolled back repeats steps in metrics.jsonl; the last record of a step wins.
 Writes OUT/compare.md, OUT/compare.json, OUT/loss_curves.png (training loss, spikes marked x,
-validation dashed), OUT/grad_norm.png and OUT/erank_heatmap_<run>.png (layer x step).
+validation dashed), OUT/grad_norm.png and OUT/erank_heatmap_<run>.png (layer x step, one
+colour scale for all runs).
 """
 
 from __future__ import annotations
@@ -185,17 +186,15 @@ def write_plots(runs: list[dict], out: Path) -> None:
     plots.plot_loss_curves(
         norms, out / "grad_norm.png", "gradient norm before clipping (x: spikes)", ylabel="grad norm", markers=grad_marks, logy=True
     )
+    values = [v for run in runs for r in run["geometry"] for v in r["erank"] if v is not None]
+    limits = (min(values), max(values)) if values else None  # one colour scale for every run
     for run in runs:
         if run["geometry"]:
             matrix = [[r["erank"][layer] for r in run["geometry"]] for layer in range(len(run["geometry"][-1]["erank"]))]
             safe = run["name"].replace("/", "_")
-            plots.plot_heatmap(
-                matrix,
-                [r["step"] for r in run["geometry"]],
-                out / f"erank_heatmap_{safe}.png",
-                f"effective rank by layer, {run['name']}",
-                "effective rank / min(T, d)",
-            )
+            steps = [r["step"] for r in run["geometry"]]
+            title = f"effective rank by layer, {run['name']}"
+            plots.plot_heatmap(matrix, steps, out / f"erank_heatmap_{safe}.png", title, "effective rank / min(T, d)", limits)
 
 
 def main(argv: list[str] | None = None) -> int:

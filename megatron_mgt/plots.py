@@ -123,14 +123,17 @@ def plot_heatmap(
     path: str | os.PathLike,
     title: str,
     cbar_label: str,
+    limits: tuple[float, float] | None = None,
 ) -> None:
-    """Heatmap of matrix[layer, k] (layer 0 at the bottom), column k labelled by steps[k]; NaN cells blank."""
+    """Heatmap of matrix[layer, k] (layer 0 at the bottom), column k labelled by steps[k]; NaN
+    cells blank; `limits` fixes the colour scale (to compare several maps)."""
     data = np.asarray(matrix, dtype=float)
     if data.ndim != 2 or data.size == 0 or data.shape[1] != len(steps):
         raise ValueError(f"matrix must be a non-empty [layers, {len(steps)}], got shape {data.shape}")
     fig = _new_figure()
     ax = fig.add_subplot()
-    image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", origin="lower", interpolation="nearest")
+    vmin, vmax = limits if limits is not None else (None, None)
+    image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", origin="lower", interpolation="nearest", vmin=vmin, vmax=vmax)
     ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), _MAX_XTICKS)).round().astype(int))
     ax.set_xticks(ticks, [str(steps[k]) for k in ticks])
     ax.set(xlabel="step", ylabel="layer", title=title)
