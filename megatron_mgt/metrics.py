@@ -116,6 +116,13 @@ class MetricsLog:
             kind = record.get("kind", "train")
             self.wandb.log(wandb_scalars(record, kind), step=record.get("step"))
 
+    def log_images(self, step: int, images: dict[str, Path]) -> None:
+        """PNG files as wandb images at `step` (nothing when wandb is off)."""
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Image(str(path)) for key, path in images.items()}, step=step)
+
     def close(self) -> None:
         self.file.close()
         if self.wandb is not None:
@@ -126,7 +133,12 @@ class MetricsLog:
 class NullLog:
     """What ranks other than the main one log to: nothing."""
 
+    wandb = None
+
     def log(self, record: dict) -> None:
+        pass
+
+    def log_images(self, step: int, images: dict) -> None:
         pass
 
     def close(self) -> None:

@@ -3,7 +3,7 @@
 Every `log.geometry_every` steps (0: off), and once at step 0 of a fresh run, one forward
 pass on a fixed probe batch - the first `eval.geometry_batch` held-out windows, the same
 for the whole run and for `mgt-eval` - gives, through `evaluate.geometry_snapshot` (the one
-place these numbers are computed), a metrics record
+place these numbers are computed), a metrics record (and, with wandb on, the layer x step heat maps so far as wandb images)
 
     {"kind": "geometry", "step", "centered", "seconds",
      "erank", "token_cosine", "relative_residual":        [n_layers + 1] (embedding, block 1..L)
@@ -88,6 +88,10 @@ class GeometryTelemetry:
         record = snapshot_record(self.engine.geometry_snapshot(self.probe, self.center), step)
         record["seconds"] = time.perf_counter() - t0
         self.log.log(record)
+        if self.log.wandb is not None:  # the layer x step heat maps so far, as wandb images
+            run_dir = self.log.path.parent
+            maps = write_heatmaps(self.log.path, run_dir / "eval", run_dir.name)
+            self.log.log_images(step, {f"geometry/{p.stem}": p for p in maps})
         return record
 
 

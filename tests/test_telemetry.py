@@ -111,3 +111,13 @@ def test_nstream_snapshot_record_has_h_res_and_mean_stream_layers():
         ),
         0,
     )
+
+
+def test_wandb_gets_the_heat_maps_as_images(zipf_shards, tmp_path, monkeypatch):
+    """With wandb on (offline here), every snapshot also logs the layer x step heat maps."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run(zipf_shards, tmp_path / "run", **{"log.geometry_every": 4, "log.wandb": "offline", "train.max_steps": 4})
+    (offline,) = (tmp_path / "run" / "wandb").glob("offline-run-*")
+    images = sorted(p.name.split("_")[0] + "_" + p.name.split("_")[1] for p in offline.rglob("media/images/geometry/*.png"))
+    assert images.count("erank_heatmap") == 2 and images.count("token_cosine") == 2, images  # steps 0 and 4

@@ -96,7 +96,7 @@ class FSDPEngine(EngineBase):
     def load(self, directory: Path) -> None:
         """A DCP dir with model and optimizer (an engine checkpoint), or with the model
         only (made by mgt-convert): then the optimizer starts fresh and the schedule is
-        left at its start."""
+        set to the checkpoint's step."""
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         reader = dcp.FileSystemReader(str(directory / DCP_DIR))
         has_optim = any(k.startswith("optim.") for k in reader.read_metadata().state_dict_metadata)
