@@ -30,6 +30,7 @@ from megatron_mgt.checkpoint import find_checkpoint, load_trainer_state, rank_st
 from megatron_mgt.config import Config, ConfigError, load_config, to_dict
 from megatron_mgt.data.loader import TokenBatchLoader, eval_batches
 from megatron_mgt.engine import build_engine
+from megatron_mgt.engine.dist import all_max
 from megatron_mgt.flops import device_peak_flops, flops_per_token, matmul_params
 from megatron_mgt.metrics import MetricsLog, NullLog
 from megatron_mgt.model import Transformer
@@ -98,17 +99,6 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def peak_memory_all_ranks(engine) -> float:
-    """The largest peak_memory_gib over all ranks (every rank must call it): the pipeline's
-    fullest stage, not just rank 0's."""
-    peak = torch.tensor([peak_memory_gib(engine.device)], device=engine.device)
-    if engine.world_size > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return float(peak.item())
 
 
 def model_matmul_params(cfg: Config) -> int:
@@ -302,7 +292,7 @@ def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: fl
                         record["update_norm"] = out["update_norm"]
                     if peak:
                         record["mfu"] = step_flops * window_steps / window_time / peak
-                    record["peak_mem_gib"] = peak_memory_all_ranks(engine)
+                    record["peak_mem_gib"] = all_max(peak_memory_gib(device), device)  # the fullest stage / rank
                     log.log(record)
                     bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:.0f}", mfu=f"{record.get('mfu', float('nan')):.1%}")
                     window_time, window_steps = 0.0, 0

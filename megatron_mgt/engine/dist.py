@@ -91,13 +91,18 @@ def all_sum(value: torch.Tensor, group=None) -> torch.Tensor:
     return out
 
 
+def all_max(value: float, device: torch.device) -> float:
+    """The largest `value` over all ranks (every rank must call it)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([float(value)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when it is True on any (so all ranks stop at the same step)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(all_max(1.0 if flag else 0.0, device))
 
 
 def barrier() -> None:
