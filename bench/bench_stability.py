@@ -33,7 +33,8 @@ import torch  # noqa: E402
 from bench.bench_telemetry import SHAPES, write_shards  # noqa: E402
 from megatron_mgt.config import load_config  # noqa: E402
 from megatron_mgt.data.loader import TokenBatchLoader  # noqa: E402
-from megatron_mgt.engine.single import SingleEngine, adamw_update_sq_norm, scheduled_lrs  # noqa: E402
+from megatron_mgt.engine.optim import adamw_update_sq_norm, scheduled_lrs  # noqa: E402
+from megatron_mgt.engine.single import SingleEngine  # noqa: E402
 from megatron_mgt.stability import StabilityMonitor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def measure(shards: tuple[str, str], layers: int, steps: int) -> dict:
         t1 = time.perf_counter()
         adamw_update_sq_norm(engine.optimizer, scheduled_lrs(engine.scheduler)).item()
         t2 = time.perf_counter()
-        values = {"loss": out["loss"], "grad_norm": out["grad_norm"], "update_norm": out["update_norm"]}
+        values = {"loss": out.loss, "grad_norm": out.grad_norm, "update_norm": out.update_norm}
         monitor.accept({k: v for k, v in values.items() if k not in {a.metric for a in monitor.check(values)}})
         t3 = time.perf_counter()
         if i >= 4:  # warm-up steps are not timed

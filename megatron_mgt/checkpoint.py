@@ -116,6 +116,12 @@ def find_checkpoint(root: Path, resume: str) -> Path | None:
     return found[-1] if found else None
 
 
+def checkpoint_step(directory: Path) -> int:
+    """The step recorded in a checkpoint's trainer.pt (0 when there is none)."""
+    path = directory / TRAINER_STATE
+    return int(torch.load(path, weights_only=False)["step"]) if path.is_file() else 0
+
+
 def load_trainer_state(directory: Path, rank: int = 0, world_size: int = 1) -> dict:
     """trainer.pt, with `rng` and `loader` replaced by this rank's own (rank_NNNNN.pt)
     when the checkpoint has one; a checkpoint from another world size (or converted)
@@ -128,3 +134,50 @@ def load_trainer_state(directory: Path, rank: int = 0, world_size: int = 1) -> d
     else:
         state["rank_state"] = "main"
     return state
+
+
+class Checkpointer:
+    """Everything a run needs to continue bit for bit, saved and restored as one: the
+    engine's own files (every rank), trainer.pt (step, data position, RNG, config, train
+    seconds, stability statistics) and each rank's rank_NNNNN.pt (its RNG and data position)."""
+
+    def __init__(self, root: Path, engine, loader, monitor, config: dict, keep: int = 0):
+        self.root, self.engine, self.loader, self.monitor, self.config, self.keep = root, engine, loader, monitor, config, keep
+
+    def latest(self) -> Path | None:
+        return find_checkpoint(self.root, "auto")
+
+    def save(self, step: int, train_seconds: float) -> Path:
+        engine, loader = self.engine, self.loader
+        state = {
+            "step": step,
+            "loader": loader.state_dict(),
+            "rng": rng_state(),
+            "config": self.config,
+            "world_size": engine.world_size,
+            "train_seconds": train_seconds,
+        }
+        if self.monitor is not None:
+            state["stability"] = self.monitor.state_dict()
+
+        def write_files(directory: Path) -> None:
+            engine.save(directory)
+            own = {"rank": engine.rank, "world_size": engine.world_size, "dp_rank": engine.dp_rank, "rng": rng_state(), "loader": loader.state_dict()}
+            torch.save(own, directory / rank_state_name(engine.rank))
+
+        return save_checkpoint(self.root, step, write_files, state, keep=self.keep, is_main=engine.is_main, barrier=engine.barrier)
+
+    def restore(self, directory: Path) -> dict:
+        """Engine, data position, RNG and monitor statistics from `directory`; returns the
+        trainer state (step, train_seconds, rank_state). A rollback keeps the data positions
+        the monitor has learnt to leave out since that checkpoint was written."""
+        self.engine.load(directory)
+        state = load_trainer_state(directory, self.engine.rank, self.engine.world_size)
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        if self.monitor is not None and "stability" in state:
+            skips, actions = set(self.monitor.skip_positions), self.monitor.actions
+            self.monitor.load_state_dict(state["stability"])
+            self.monitor.skip_positions |= skips
+            self.monitor.actions = max(actions, self.monitor.actions)
+        return state

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from megatron_mgt import plots
-from megatron_mgt.experiments.common import markdown_table
+from megatron_mgt.experiments.report import markdown_table
 from megatron_mgt.metrics import read_metrics
 from megatron_mgt.telemetry import latest_per_step
 

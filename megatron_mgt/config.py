@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -104,7 +105,6 @@ class DataConfig:
     test_prefix: str = ""  # optional test shard, scored by mgt-eval with eval.full_split
     tokenizer: str = ""  # sentencepiece .model, for decoding samples and meta
     seq_len: int = 256
-    prepare_default: str = ""  # if set, build the embedded default corpus into this dir first
 
 
 @dataclass
@@ -133,7 +133,6 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
 
 
-ENGINE_NAMES = ("single", "deepspeed_pipe", "deepspeed_zero", "fsdp")
 PARTITION_METHODS = ("balanced", "parameters", "uniform")
 
 
@@ -171,6 +170,7 @@ class EvalConfig:
     center: bool = True  # centre token matrices before effective rank
     full_split: bool = False  # mgt-eval also scores every token of valid (and test): ppl per token and per word
     stride: int = 0  # full_split windows start every N tokens (0: seq_len, no overlap); < seq_len gives every token more context
+    rank_windows: int = 0  # >0: mgt-eval adds the collapse-robust rank profile on this many windows spread over valid
 
 
 @dataclass
@@ -235,7 +235,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     return value
 
 
-def _merge(obj: Any, data: dict, where: str) -> None:
+def merge(obj: Any, data: dict, where: str = "") -> None:
     """Write a nested mapping into a dataclass instance, validating every key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
@@ -247,12 +247,13 @@ def _merge(obj: Any, data: dict, where: str) -> None:
             raise ConfigError(f"unknown config key '{path}'{_nearest(str(key), fields)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _merge(current, value, path)
+            merge(current, value, path)
         else:
             setattr(obj, key, _coerce(value, hints[key], path))
 
 
-def _read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+def read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML preset as a nested mapping, with its `inherit:` chain resolved (child wins)."""
     path = path.resolve()
     if path in _chain:
         raise ConfigError(f"inherit cycle: {' -> '.join(map(str, _chain + (path,)))}")
@@ -267,7 +268,7 @@ def _read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     parent = data.pop("inherit", None)
     if parent is None:
         return data
-    base = _read_yaml(path.parent / parent, _chain + (path,))
+    base = read_yaml(path.parent / parent, _chain + (path,))
     return _deep_update(base, data)
 
 
@@ -321,15 +322,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.final_norm=false is not supported by parallel.engine=deepspeed_pipe yet (its layer specs and checkpoint layout hold a final-norm stage)")
     if m.residual == "mhc_nstream" and cfg.parallel.engine == "deepspeed_pipe":
         raise ConfigError("model.residual=mhc_nstream is not supported by parallel.engine=deepspeed_pipe yet (its layer specs carry a [B, T, d] stream)")
-    for name in ("n_layers", "d_model", "n_heads", "vocab_size"):
+    for name in ("d_model", "n_heads", "vocab_size"):
         if getattr(m, name) <= 0:
             raise ConfigError(f"model.{name} must be positive")
+    if m.n_layers < (1 if cfg.parallel.engine == "deepspeed_pipe" else 0):
+        raise ConfigError(f"model.n_layers={m.n_layers} must be >= 0 (0: embedding + head, a baseline), >= 1 with the pipeline")
     t = cfg.train
     for name in ("micro_batch_size", "grad_accum_steps", "max_steps"):
         if getattr(t, name) <= 0:
             raise ConfigError(f"train.{name} must be positive")
     if not 0 <= cfg.eval.stride <= cfg.data.seq_len:
         raise ConfigError(f"eval.stride={cfg.eval.stride} must lie in [0, data.seq_len={cfg.data.seq_len}] (0: seq_len)")
+    if cfg.eval.rank_windows < 0:
+        raise ConfigError(f"eval.rank_windows={cfg.eval.rank_windows} must be >= 0 (0: no rank profile)")
     if cfg.log.geometry_every < 0:
         raise ConfigError(f"log.geometry_every={cfg.log.geometry_every} must be >= 0 (0 disables telemetry)")
     st = cfg.stability
@@ -375,9 +380,9 @@ def load_config(preset: str | Path | None = None, overrides: typing.Sequence[str
     """Defaults <- preset YAML (with inheritance) <- dotted overrides, then validated."""
     cfg = Config()
     if preset:
-        _merge(cfg, _read_yaml(Path(preset)), "")
+        merge(cfg, read_yaml(Path(preset)))
     for text in overrides:
-        _merge(cfg, parse_override(text), "")
+        merge(cfg, parse_override(text))
     validate(cfg)
     return cfg
 
@@ -388,6 +393,21 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(data: dict) -> Config:
     cfg = Config()
-    _merge(cfg, data, "")
+    merge(cfg, data)
+    validate(cfg)
+    return cfg
+
+
+def override_text(key: str, value: Any) -> str:
+    """The dotted override 'key=value' that sets `value` (lists and mappings as JSON, which YAML reads)."""
+    return f"{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}"
+
+
+def derive(base: Config, changes: typing.Mapping[str, Any]) -> Config:
+    """A validated copy of `base` with dotted `changes` ({'train.lr': 1e-3, ...}) applied."""
+    cfg = Config()
+    merge(cfg, to_dict(base))
+    for key, value in changes.items():
+        merge(cfg, parse_override(override_text(key, value)))
     validate(cfg)
     return cfg

@@ -26,14 +26,17 @@ import torch.nn.functional as F
 
 from data_prep.inspect_shards import token_counts, unigram_cross_entropy, unigram_entropy
 from data_prep.wikitext import read_split_words
-from megatron_mgt import geometry, plots, telemetry
+from megatron_mgt import plots, telemetry
 from megatron_mgt.checkpoint import find_checkpoint
 from megatron_mgt.config import Config, ConfigError, load_config
 from megatron_mgt.data.indexed import IndexedDataset
 from megatron_mgt.data.loader import eval_batches, scoring_windows
+from megatron_mgt.engine import read_weights
+from megatron_mgt.engine.dist import resolve_device
+from megatron_mgt.geometry import geometry_snapshot
 from megatron_mgt.metrics import read_metrics
-from megatron_mgt.model import Transformer, capture_geometry, lm_loss
-from megatron_mgt.train import resolve_device
+from megatron_mgt.model import Transformer, lm_loss
+from megatron_mgt.train import heldout_loss
 
 
 def unigram_baselines(train_prefix: str, valid_prefix: str) -> dict:
@@ -46,29 +49,16 @@ def unigram_baselines(train_prefix: str, valid_prefix: str) -> dict:
 
 
 def load_model(cfg: Config, checkpoint: Path, device: torch.device) -> Transformer:
-    """model.pt, or the weights of a pipeline / FSDP (DCP) / ZeRO checkpoint read through
-    megatron_mgt.convert (so a run of any engine evaluates as it is)."""
+    """The weights of a checkpoint of any engine's layout (engine.read_weights), in eval mode."""
     model = Transformer(cfg.model).to(device)
-    if (checkpoint / "model.pt").is_file():
-        state = torch.load(checkpoint / "model.pt", map_location=device, weights_only=True)
-    else:
-        from megatron_mgt.convert import read_state
-
-        state = read_state(checkpoint, cfg.model)
-    model.load_state_dict(state)
+    model.load_state_dict(read_weights(checkpoint, cfg.model))
     return model.eval()
 
 
 @torch.no_grad()
 def perplexity(model: Transformer, cfg: Config, device: torch.device) -> dict:
     """Token-weighted mean next-token loss over the first `eval.batches` held-out batches."""
-    total, tokens, batches = 0.0, 0, 0
-    for x, y in eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.eval.batches):
-        total += lm_loss(model(x.to(device)), y.to(device)).item() * y.numel()
-        tokens += y.numel()
-        batches += 1
-    loss = total / tokens
-    return {"loss": loss, "ppl": math.exp(loss), "batches": batches, "tokens": tokens}
+    return heldout_loss(lambda x, y: lm_loss(model(x.to(device)), y.to(device)).item(), cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.eval.batches)
 
 
 @torch.no_grad()
@@ -92,33 +82,6 @@ def split_perplexity(model: Transformer, prefix: str, cfg: Config, device: torch
     if words:
         out.update(words=words, nats_per_word=nll / words, word_ppl=math.exp(min(nll / words, 700.0)))
     return out
-
-
-def sublayer_geometry(captured: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict]:
-    """Per sublayer, from what its residual rule captured: the update ratio, beta statistics
-    and erase strength (rules with beta), and for mhc_nstream the mean diagonal of H_res and
-    its worst column-sum error."""
-    out = {}
-    for name, values in captured.items():
-        entry = {"update_ratio": values["update_ratio"].mean().item()}
-        if "beta" in values:
-            entry["beta"] = geometry.beta_stats(values["beta"])
-            entry["erase"] = geometry.erase_strength(values["alpha"], values["beta"])
-        if "h_res" in values:  # mhc_nstream: how close H_res stays to identity and to doubly stochastic
-            h_res = values["h_res"].double()
-            entry["h_res_diag"] = h_res.diagonal(dim1=-2, dim2=-1).mean().item()
-            entry["h_res_col_err"] = (h_res.sum(dim=-2) - 1).abs().max().item()
-        out[name] = entry
-    return out
-
-
-def geometry_snapshot(model: Transformer, tokens: torch.Tensor, center: bool) -> dict:
-    """Per-layer erank / token cosine / relative residual and per-sublayer statistics
-    (sublayer_geometry) of one forward pass of the whole model on `tokens`."""
-    captured = capture_geometry(model, tokens)
-    snap = geometry.layer_geometry(captured["hidden"], center)
-    snap["sublayers"] = sublayer_geometry(captured["sublayers"])
-    return snap
 
 
 def eval_splits(cfg: Config) -> dict[str, str]:

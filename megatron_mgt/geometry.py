@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from megatron_mgt.model.transformer import Transformer, capture_geometry
+
 _F64 = torch.float64
 _QUANTILES = {"q05": 0.05, "q25": 0.25, "q50": 0.50, "q75": 0.75, "q95": 0.95}
 
@@ -135,6 +137,33 @@ def layer_geometry(hidden: list[Tensor], center: bool) -> dict[str, list[float] 
     }
 
 
+def sublayer_geometry(captured: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict]:
+    """Per sublayer, from what its residual rule captured: the update ratio, beta statistics
+    and erase strength (rules with beta), and for mhc_nstream the mean diagonal of H_res and
+    its worst column-sum error."""
+    out = {}
+    for name, values in captured.items():
+        entry = {"update_ratio": values["update_ratio"].mean().item()}
+        if "beta" in values:
+            entry["beta"] = beta_stats(values["beta"])
+            entry["erase"] = erase_strength(values["alpha"], values["beta"])
+        if "h_res" in values:  # mhc_nstream: how close H_res stays to identity and to doubly stochastic
+            h_res = values["h_res"].double()
+            entry["h_res_diag"] = h_res.diagonal(dim1=-2, dim2=-1).mean().item()
+            entry["h_res_col_err"] = (h_res.sum(dim=-2) - 1).abs().max().item()
+        out[name] = entry
+    return out
+
+
+def geometry_snapshot(model: Transformer, tokens: torch.Tensor, center: bool) -> dict:
+    """Per-layer erank / token cosine / relative residual and per-sublayer statistics
+    (sublayer_geometry) of one forward pass of the whole model on `tokens`."""
+    captured = capture_geometry(model, tokens)
+    snap = layer_geometry(captured["hidden"], center)
+    snap["sublayers"] = sublayer_geometry(captured["sublayers"])
+    return snap
+
+
 def collapsed_tokens(B: int, T: int, d: int, rho: float, generator: torch.Generator) -> Tensor:
     """X = sqrt(rho) g + sqrt(1 - rho) Z, g ~ N(0, I_d) shared by the T tokens of a sequence, Z iid N(0, 1).
 
@@ -186,3 +215,163 @@ def gradient_exponent(
     (grad,) = torch.autograd.grad((y * r).sum(), x)
     ratio = torch.linalg.vector_norm(_as_f64(grad)) / torch.linalg.vector_norm(_as_f64(r))
     return (2 * torch.log(ratio) / n_layers).item()
+
+
+# ------------------------------------------- rank metrics that tell collapse from round-off
+
+
+def singular_spectrum(x: Tensor, center: bool) -> Tensor:
+    """Singular values s_1 >= ... >= s_k, k = min(T, d), of X, or with center=True of X - 1 xbar^T. Returns [..., k]."""
+    _check_tokens(x)
+    x64 = _as_f64(x)
+    return torch.linalg.svdvals(_center(x64) if center else x64)
+
+
+def _kept_spectrum(x: Tensor, center: bool, rel_tol: float) -> Tensor:
+    """singular_spectrum(x, center) with every s_i <= rel_tol * s_max(X) set to 0.
+
+    The threshold is relative to the largest singular value of the *uncentred* X, the scale
+    of the stream: a stream whose tokens agree up to round-off has a centred spectrum of pure
+    round-off, which this drops entirely. A zero X keeps nothing.
+    """
+    if not 0.0 <= rel_tol < 1.0:
+        raise ValueError(f"rel_tol must be in [0, 1), got {rel_tol}")
+    s = singular_spectrum(x, center)
+    scale = singular_spectrum(x, center=False)[..., :1] if center else s[..., :1]
+    return torch.where(s > rel_tol * scale, s, torch.zeros_like(s))
+
+
+def _erank_of(s: Tensor, k: int) -> Tensor:
+    """exp(-sum_i p_i log p_i) / k, p_i = s_i / sum_j s_j; 0 for an all-zero spectrum."""
+    total = s.sum(dim=-1)
+    p = s / total.clamp_min(torch.finfo(_F64).tiny).unsqueeze(-1)
+    erank = torch.exp(-torch.xlogy(p, p).sum(dim=-1))
+    return torch.where(total > 0, erank / k, torch.zeros_like(erank))
+
+
+def _stable_rank_of(s: Tensor, k: int) -> Tensor:
+    """(sum_i s_i^2) / s_1^2 / k; 0 for an all-zero spectrum."""
+    top = s.amax(dim=-1).pow(2)
+    return torch.where(top > 0, s.pow(2).sum(dim=-1) / top.clamp_min(torch.finfo(_F64).tiny) / k, torch.zeros_like(top))
+
+
+def _participation_ratio_of(s: Tensor, k: int) -> Tensor:
+    """(sum_i s_i^2)^2 / (sum_i s_i^4) / k; 0 for an all-zero spectrum."""
+    s2 = s.pow(2)
+    quartic = s2.pow(2).sum(dim=-1)
+    ratio = s2.sum(dim=-1).pow(2) / quartic.clamp_min(torch.finfo(_F64).tiny) / k
+    return torch.where(quartic > 0, ratio, torch.zeros_like(quartic))
+
+
+def effective_rank_tol(x: Tensor, center: bool, rel_tol: float = 1e-4) -> Tensor:
+    """Normalised effective rank exp(-sum_i p_i log p_i) / min(T, d), p_i = s_i / sum_j s_j, in [0, 1].
+
+    Unlike effective_rank, singular values s_i <= rel_tol * s_max(X) are dropped (s_max of
+    the uncentred X), so a stream collapsed up to float round-off reads ~0 (centred) or
+    1 / min(T, d) (uncentred), not the erank of its round-off. 0 when nothing is kept. Returns [...].
+    """
+    s = _kept_spectrum(x, center, rel_tol)
+    return _erank_of(s, min(x.shape[-2:]))
+
+
+def stable_rank(x: Tensor, center: bool, rel_tol: float = 1e-4) -> Tensor:
+    """Normalised stable rank |X|_F^2 / s_max^2 / min(T, d) = (sum_i s_i^2) / s_1^2 / min(T, d), in (0, 1].
+
+    Over the spectrum kept by effective_rank_tol's rule (which changes |X|_F^2 by at most a
+    relative min(T, d) rel_tol^2 unless X is collapsed); 0 when nothing is kept. Returns [...].
+    """
+    s = _kept_spectrum(x, center, rel_tol)
+    return _stable_rank_of(s, min(x.shape[-2:]))
+
+
+def participation_ratio(x: Tensor, center: bool, rel_tol: float = 1e-4) -> Tensor:
+    """Normalised participation ratio (sum_i s_i^2)^2 / (sum_i s_i^4) / min(T, d), in (0, 1].
+
+    Over the spectrum kept by effective_rank_tol's rule; 0 when nothing is kept. Returns [...].
+    """
+    s = _kept_spectrum(x, center, rel_tol)
+    return _participation_ratio_of(s, min(x.shape[-2:]))
+
+
+def layer_norm_rows(x: Tensor, eps: float = 1e-5) -> Tensor:
+    """LayerNorm without affine over d: (x_i - mu_i) / sqrt(sigma_i^2 + eps), mu_i, sigma_i^2 the mean and
+    biased variance of token x_i. What the next pre-LN sublayer sees. Returns float64 [..., T, d]."""
+    if not eps >= 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    _check_tokens(x)
+    x64 = _as_f64(x)
+    mu = x64.mean(dim=-1, keepdim=True)
+    var = x64.var(dim=-1, correction=0, keepdim=True)
+    return (x64 - mu) / torch.sqrt(var + eps)
+
+
+def _window_metrics(x: Tensor, center: bool, rel_tol: float) -> dict[str, Tensor]:
+    """Per window of x [..., T, d]: erank_tol, stable_rank, participation_ratio, token_cosine and
+    relative_residual of X, and erank_tol, stable_rank, participation_ratio of LN(X) (prefix ln_)."""
+    k = min(x.shape[-2:])
+    out = {"token_cosine": token_cosine(x), "relative_residual": relative_residual(x)}
+    for prefix, m in (("", x), ("ln_", layer_norm_rows(x))):
+        s = _kept_spectrum(m, center, rel_tol)
+        out[f"{prefix}erank_tol"] = _erank_of(s, k)
+        out[f"{prefix}stable_rank"] = _stable_rank_of(s, k)
+        out[f"{prefix}participation_ratio"] = _participation_ratio_of(s, k)
+    return out
+
+
+def rank_profile(
+    hidden: list[Tensor],
+    center: bool = True,
+    rel_tol: float = 1e-4,
+    collapse_cosine: float = 0.99,
+    collapse_residual: float = 1e-3,
+    level: float = 0.95,
+) -> dict:
+    """Per layer, the mean over windows and the t confidence interval (stats.t_interval) of each _window_metrics metric.
+
+    hidden[l] is X_l of shape [..., T, d]; every leading index is one window (batch row).
+    A layer is collapsed when its mean token cosine >= collapse_cosine or its mean relative
+    residual <= collapse_residual. Returns {"metrics": {name: {"mean": [L], "ci_low": [L],
+    "ci_high": [L]}}, "collapsed": [L], "windows": [L], "centered", "rel_tol",
+    "collapse_cosine", "collapse_residual", "level"}; CIs are NaN for a single window.
+    """
+    from megatron_mgt.experiments.stats import t_interval
+
+    if not hidden:
+        raise ValueError("rank_profile needs at least one layer, got an empty list")
+    metrics: dict[str, dict[str, list[float]]] = {}
+    collapsed, windows = [], []
+    for h in hidden:
+        _check_tokens(h, min_tokens=2)
+        per_window = _window_metrics(h.reshape(-1, *h.shape[-2:]), center, rel_tol)
+        for name, values in per_window.items():
+            summary = t_interval(values.tolist(), level)
+            entry = metrics.setdefault(name, {"mean": [], "ci_low": [], "ci_high": []})
+            entry["mean"].append(summary["mean"])
+            entry["ci_low"].append(summary["ci"][0])
+            entry["ci_high"].append(summary["ci"][1])
+        collapsed.append(bool(metrics["token_cosine"]["mean"][-1] >= collapse_cosine or metrics["relative_residual"]["mean"][-1] <= collapse_residual))
+        windows.append(per_window["token_cosine"].numel())
+    return {
+        "metrics": metrics,
+        "collapsed": collapsed,
+        "windows": windows,
+        "centered": center,
+        "rel_tol": rel_tol,
+        "collapse_cosine": collapse_cosine,
+        "collapse_residual": collapse_residual,
+        "level": level,
+    }
+
+
+def gaussian_reference(T: int, d: int, center: bool = True, samples: int = 16, seed: int = 0, rel_tol: float = 1e-4) -> dict:
+    """Means over `samples` iid N(0, 1) float64 matrices of shape [T, d] (torch generator seeded with seed)
+    of every _window_metrics metric: the no-structure reference line of a rank profile.
+
+    Returns {name: float} plus "T", "d", "samples", "centered".
+    """
+    if T < 2 or d < 1 or samples < 1:
+        raise ValueError(f"gaussian_reference needs T >= 2, d >= 1, samples >= 1, got T={T}, d={d}, samples={samples}")
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, T, d, generator=gen, dtype=_F64)
+    ref = {name: values.mean().item() for name, values in _window_metrics(x, center, rel_tol).items()}
+    return {**ref, "T": T, "d": d, "samples": samples, "centered": center}

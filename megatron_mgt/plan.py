@@ -32,6 +32,8 @@ import torch
 from torch import nn
 
 from megatron_mgt.config import Config, ConfigError, load_config
+from megatron_mgt.engine.dist import bf16_enabled
+from megatron_mgt.engine.partition import layer_costs, partition_balanced
 from megatron_mgt.flops import matmul_params
 from megatron_mgt.model import Transformer, lm_loss
 
@@ -102,51 +104,19 @@ def pipeline_bubble(stages: int, micro_batches: int) -> float:
     return (stages - 1) / (micro_batches + stages - 1)
 
 
-def balanced_split(weights: list[float], parts: int) -> list[int]:
-    """Cut `weights` into `parts` contiguous runs, minimising the heaviest run.
-    Returns the `parts + 1` boundaries (0 first, len(weights) last); every run is non-empty."""
-    n = len(weights)
-    if not 1 <= parts <= n:
-        raise ValueError(f"cannot split {n} items into {parts} non-empty parts")
-    prefix = [0.0]
-    for w in weights:
-        prefix.append(prefix[-1] + w)
-    # best[k][i]: smallest possible heaviest run when the first i items form k runs
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(parts + 1)]
-    cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0.0
-    for k in range(1, parts + 1):
-        for i in range(k, n - (parts - k) + 1):
-            for j in range(k - 1, i):
-                cost = max(best[k - 1][j], prefix[i] - prefix[j])
-                if cost < best[k][i]:
-                    best[k][i], cut[k][i] = cost, j
-    bounds = [n]
-    for k in range(parts, 0, -1):
-        bounds.append(cut[k][bounds[-1]])
-    return bounds[::-1]
-
-
 def split_items(cfg: Config, counts: list[int], parts: int) -> tuple[list[int], str]:
-    """Stage boundaries over the pipeline items [embed, blocks..., norm, head]. Uses the
-    pipeline engine's own cost model and partition (megatron_mgt.engine.partition) when it
-    is there and the preset asks for `balanced`, so the plan cuts where training cuts;
-    otherwise a balanced split by parameter count (`parameters`) or by block count."""
-    method = getattr(cfg.parallel, "partition_method", "balanced")
+    """Stage boundaries over the pipeline items [embed, blocks..., norm, head], cut by the
+    one partitioner (engine.partition.partition_balanced) with the weights of
+    `parallel.partition_method`: training FLOPs per item (balanced, what the pipeline engine
+    cuts by), parameters per item (parameters), or one per block (uniform)."""
+    method = cfg.parallel.partition_method
     if method == "balanced":
-        try:
-            from megatron_mgt.engine.partition import layer_costs, partition_balanced
-        except ImportError:
-            pass
-        else:
-            costs = layer_costs(cfg.model, cfg.data.seq_len, getattr(cfg.parallel, "embed_cost", 1.0))
-            if len(costs) == len(counts):
-                return partition_balanced(costs, parts), "megatron_mgt.engine.partition (balanced: training FLOPs per item)"
-    if method == "uniform":
-        weights = [0.0] + [1.0] * (len(counts) - 3) + [0.0, 0.0]
-        return balanced_split(weights, parts), "megatron_mgt.plan.balanced_split (uniform: blocks per stage)"
-    return balanced_split([float(c) for c in counts], parts), "megatron_mgt.plan.balanced_split (by parameter count)"
+        weights, what = layer_costs(cfg.model, cfg.data.seq_len, cfg.parallel.embed_cost), "training FLOPs per item"
+    elif method == "uniform":
+        weights, what = [0.0] + [1.0] * (len(counts) - 3) + [0.0, 0.0], "blocks per stage"
+    else:
+        weights, what = [float(c) for c in counts], "parameter count"
+    return partition_balanced(weights, parts), f"megatron_mgt.engine.partition ({method}: {what})"
 
 
 def meta_model(cfg: Config, dtype: torch.dtype) -> Transformer:
@@ -192,7 +162,7 @@ def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
     micro = cluster.micro_batches or cfg.train.grad_accum_steps
     mbs = cluster.micro_batch_size or cfg.train.micro_batch_size
     seq = cfg.data.seq_len
-    bf16 = cfg.train.precision in ("bf16", "auto")  # auto means bf16 on a GPU
+    bf16 = bf16_enabled(cfg.train.precision, "cuda")  # the plan is for GPUs
     dtype = torch.bfloat16 if bf16 else torch.float32
     wbytes = 2 if bf16 else 4
 

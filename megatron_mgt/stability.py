@@ -1,7 +1,7 @@
 """Long-horizon stability monitoring: loss, gradient-norm and update-norm spikes, non-finite values.
 
 Every step the trainer gives the monitor the step's loss, its pre-clip gradient norm and the
-norm of the update AdamW applied (engine.single.adamw_update_norm). A value x of kind k is a
+norm of the update AdamW applied (engine.optim.adamw_update_sq_norm). A value x of kind k is a
 spike when, after `stability.min_history` accepted steps,
 
     x > mu_k + max(z * sigma_k, rel_k * |mu_k|)
@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from megatron_mgt.config import StabilityConfig
+from megatron_mgt.engine.base import StepResult
 
 SPIKE_KINDS = ("loss", "grad_norm", "update_norm")
 PRE_STEP_KINDS = ("loss", "grad_norm")  # known before the optimizer step: `skip` can withhold it
@@ -66,6 +67,16 @@ class Anomaly:
             "applied": applied,
             "position": position,
         }
+
+
+@dataclass
+class Verdict:
+    """What the trainer does after a step: `keep` it, `rollback` to the last checkpoint, or
+    stop as `diverged` (with `message`); `records` are the anomaly records to log."""
+
+    action: str  # keep | rollback | diverged
+    records: list[dict] = field(default_factory=list)
+    message: str = ""
 
 
 class StabilityMonitor:
@@ -104,6 +115,33 @@ class StabilityMonitor:
         """Whether `anomaly` calls for the configured response (`stability.act_on`: loss
         spikes and non-finite values, or every kind); the others are recorded only."""
         return self.cfg.act_on == "any" or anomaly.metric in ("loss", "non_finite")
+
+    def gate(self, loss: float, grad_norm: float) -> bool:
+        """For `response=skip`: whether the engine may apply this step (no triggering anomaly)."""
+        return not any(map(self.triggers, self.check({"loss": loss, "grad_norm": grad_norm})))
+
+    def respond(self, step: int, result: StepResult, position: int) -> Verdict:
+        """Check step `step`'s values, learn the normal ones, and decide the response.
+        `position` is the step's data position (what a rollback leaves out)."""
+        values = {"loss": result.loss, "grad_norm": result.grad_norm, "update_norm": result.update_norm}
+        anomalies = self.check(values)
+        flagged = {a.metric for a in anomalies}
+        self.accept({k: v for k, v in values.items() if k not in flagged})
+        acting = [a for a in anomalies if self.triggers(a)]
+        response = self.cfg.response if acting else "record"
+        acted = response == "rollback" or (response == "skip" and not result.applied)
+        records = [a.record(step, response if acted and a in acting else "record", result.applied, position) for a in anomalies]
+        if acted:
+            self.actions += 1
+            if self.actions > self.cfg.max_actions:
+                return Verdict("diverged", records, f"step {step}: {self.actions} skips/rollbacks exceed stability.max_actions={self.cfg.max_actions}")
+        if response == "rollback":
+            self.skip_positions.add(position)
+            return Verdict("rollback", records)
+        finite = math.isfinite(result.loss) and math.isfinite(result.grad_norm)
+        if not finite and (response == "record" or result.applied):
+            return Verdict("diverged", records)  # nothing can follow a non-finite step that was kept
+        return Verdict("keep", records)
 
     def accept(self, values: dict[str, float]) -> None:
         """Add values that were not anomalous to the running statistics."""

@@ -2,7 +2,7 @@
 
 Every `log.geometry_every` steps (0: off), and once at step 0 of a fresh run, one forward
 pass on a fixed probe batch - the first `eval.geometry_batch` held-out windows, the same
-for the whole run and for `mgt-eval` - gives, through `evaluate.geometry_snapshot` (the one
+for the whole run and for `mgt-eval` - gives, through `geometry.geometry_snapshot` (the one
 place these numbers are computed), a metrics record (and, with wandb on, the layer x step heat maps so far as wandb images)
 
     {"kind": "geometry", "step", "centered", "seconds",
@@ -34,7 +34,7 @@ import torch
 
 from megatron_mgt import plots
 from megatron_mgt.config import Config
-from megatron_mgt.data.loader import eval_batches
+from megatron_mgt.data.loader import check_token_ids, eval_batches
 from megatron_mgt.metrics import read_metrics
 
 LAYER_KEYS = ("erank", "token_cosine", "relative_residual")
@@ -42,7 +42,7 @@ BETA_KEYS = ("mean", "std", "q05", "q50", "q95", "frac_negative")  # of geometry
 
 
 def snapshot_record(snap: dict, step: int) -> dict:
-    """A flat 'geometry' record (lists per layer / sublayer) from evaluate.geometry_snapshot."""
+    """A flat 'geometry' record (lists per layer / sublayer) from geometry.geometry_snapshot."""
     subs = snap["sublayers"]
     beta = {name: s.get("beta") for name, s in subs.items()}
     return {
@@ -74,11 +74,7 @@ class GeometryTelemetry:
             self.every = 0
             return
         inputs, _ = next(iter(eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.geometry_batch, 1)))
-        top = int(inputs.max())
-        if top >= cfg.model.vocab_size:  # the same clear error as the trainer's batch check, before any forward
-            raise ValueError(
-                f"{cfg.data.valid_prefix}: token id {top} does not fit model.vocab_size={cfg.model.vocab_size} (was the shard made with another tokenizer?)"
-            )
+        check_token_ids(inputs, cfg.model.vocab_size, cfg.data.valid_prefix)  # before any forward
         self.probe = inputs.to(engine.device)
 
     def at(self, step: int) -> dict | None:

@@ -19,6 +19,7 @@ import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,11 +27,12 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from megatron_mgt.checkpoint import find_checkpoint, load_trainer_state, rank_state_name, rng_state, save_checkpoint, set_rng_state
+from megatron_mgt.checkpoint import Checkpointer, find_checkpoint
 from megatron_mgt.config import Config, ConfigError, load_config, to_dict
-from megatron_mgt.data.loader import TokenBatchLoader, eval_batches
+from megatron_mgt.data.loader import TokenBatchLoader, check_token_ids, eval_batches
 from megatron_mgt.engine import build_engine
-from megatron_mgt.engine.dist import all_max
+from megatron_mgt.engine.base import StepResult
+from megatron_mgt.engine.dist import all_max, resolve_device
 from megatron_mgt.flops import device_peak_flops, flops_per_token, matmul_params
 from megatron_mgt.metrics import MetricsLog, NullLog
 from megatron_mgt.model import Transformer
@@ -52,12 +54,6 @@ class TrainResult:
     valid_loss: float | None
     checkpoint: str | None
     main: bool = True  # global rank 0 (the one that reports)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def check_tokenizer(cfg: Config) -> None:
@@ -107,216 +103,176 @@ def model_matmul_params(cfg: Config) -> int:
         return matmul_params(Transformer(cfg.model))
 
 
-def evaluate_loss(engine, cfg: Config) -> float:
-    """Mean next-token loss over the first `train.eval_batches` held-out batches of the
-    global micro-batch size (micro_batch_size x dp_size windows; every rank gets the whole
-    batch, the engine splits it over data-parallel ranks), so any engine at the same
-    global batch evaluates the same windows."""
-    size = cfg.train.micro_batch_size * engine.dp_size
-    losses = [engine.eval_loss(x, y) for x, y in eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, size, cfg.train.eval_batches)]
-    return sum(losses) / len(losses)
+def heldout_loss(batch_loss: Callable[[torch.Tensor, torch.Tensor], float], prefix: str, seq_len: int, batch_size: int, batches: int) -> dict:
+    """The one held-out loss: sum_b loss_b * n_b / sum_b n_b over the first `batches`
+    sequential windows batches of `batch_size` (data.loader.eval_batches), n_b the targets of
+    batch b and loss_b = batch_loss(inputs, targets) their mean next-token loss (nats/token).
+    The trainer, mgt-eval and the protocol runners all score held-out loss through it."""
+    total, tokens, count = 0.0, 0, 0
+    for x, y in eval_batches(prefix, seq_len, batch_size, batches):
+        total += batch_loss(x, y) * y.numel()
+        tokens += y.numel()
+        count += 1
+    loss = total / tokens
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "batches": count, "tokens": tokens}
 
 
 def train(cfg: Config) -> TrainResult:
     t_start = time.monotonic()
-    tc = cfg.train
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     check_tokenizer(cfg)
-    run_dir = Path(tc.run_dir)
-    ckpt_root = run_dir / "checkpoints"
-
-    engine = build_engine(cfg, resolve_device(tc.device))
+    engine = build_engine(cfg, resolve_device(cfg.train.device))
     try:
-        return _train_loop(cfg, engine, run_dir, ckpt_root, t_start)
+        return Trainer(cfg, engine, t_start).run()
     finally:
         engine.close()
 
 
-def _train_loop(cfg: Config, engine, run_dir: Path, ckpt_root: Path, t_start: float) -> TrainResult:
-    tc = cfg.train
-    device = engine.device
-    loader = TokenBatchLoader(
-        cfg.data.train_prefix, cfg.data.seq_len, tc.micro_batch_size, tc.seed, rank=engine.dp_rank, world_size=engine.dp_size
-    )
-    monitor = StabilityMonitor(cfg.stability) if cfg.stability.enabled else None
-    step = 0
+class Trainer:
+    """One run's loop over steps; the engine runs each step, the monitor judges it, the
+    checkpointer saves and restores it. `run()` is the whole loop."""
 
-    def restore(directory: Path) -> dict:
-        """Engine, step, data position, RNG and monitor statistics from a checkpoint."""
-        nonlocal step
-        engine.load(directory)
-        state = load_trainer_state(directory, engine.rank, engine.world_size)
-        step = state["step"]
-        loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        if monitor is not None and "stability" in state:
-            skips, actions = set(monitor.skip_positions), monitor.actions
-            monitor.load_state_dict(state["stability"])
-            monitor.skip_positions |= skips  # a rollback keeps what it has learnt since
-            monitor.actions = max(actions, monitor.actions)
-        return state
+    def __init__(self, cfg: Config, engine, t_start: float):
+        tc = self.tc = cfg.train
+        self.cfg, self.engine, self.t_start = cfg, engine, t_start
+        self.run_dir = Path(tc.run_dir)
+        self.loader = TokenBatchLoader(cfg.data.train_prefix, cfg.data.seq_len, tc.micro_batch_size, tc.seed, rank=engine.dp_rank, world_size=engine.dp_size)
+        self.monitor = StabilityMonitor(cfg.stability) if cfg.stability.enabled else None
+        self.gate = self.monitor.gate if self.monitor is not None and cfg.stability.response == "skip" else None
+        self.ckpt = Checkpointer(self.run_dir / "checkpoints", engine, self.loader, self.monitor, to_dict(cfg), keep=tc.keep_checkpoints)
+        self.step, self.train_seconds = 0, 0.0  # train_seconds: wall time inside train steps, over every restart
+        resume_from = find_checkpoint(self.ckpt.root, tc.resume)
+        if resume_from is not None:
+            state = self.ckpt.restore(resume_from)
+            self.step, self.train_seconds = state["step"], state.get("train_seconds", 0.0)
+        if engine.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.log = MetricsLog(self.run_dir, cfg, str(engine.device)) if engine.is_main else NullLog()
+        if resume_from is not None:
+            self.log.log({"kind": "event", "step": self.step, "event": "resumed", "checkpoint": str(resume_from), "rank_state": state["rank_state"]})
+        self.telemetry = GeometryTelemetry(cfg, engine, self.log)
+        self.tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * cfg.data.seq_len * engine.dp_size  # global
+        self.step_flops = flops_per_token(cfg.model, model_matmul_params(cfg), cfg.data.seq_len) * self.tokens_per_step
+        peak = device_peak_flops(engine.device)  # per device; every rank measures at once (CPU: its share)
+        self.peak = peak * engine.world_size if peak else None  # MFU per device = achieved / (per-device peak x devices)
+        self.window_time, self.window_steps = 0.0, 0
+        self.saved: str | None = None
+        self.fresh = resume_from is None
 
-    train_seconds = 0.0  # wall time inside train steps, over every restart of the run
-    resume_from = find_checkpoint(ckpt_root, tc.resume)
-    if resume_from is not None:
-        state = restore(resume_from)
-        train_seconds = state.get("train_seconds", 0.0)
-    if engine.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    def run(self) -> TrainResult:
+        tc, status, last_loss, valid_loss = self.tc, "finished", float("nan"), None
+        if self.step == 0:
+            self.telemetry.at(0)  # geometry at init
+        if self.fresh and self.monitor is not None and self.cfg.stability.response == "rollback":
+            self.saved = str(self.ckpt.save(0, 0.0))  # something to roll back to before the first checkpoint
+        bar = tqdm(total=tc.max_steps, initial=self.step, disable=not (self.cfg.log.progress and self.engine.is_main), dynamic_ncols=True, desc=self.run_dir.name)
+        try:
+            with StopFlag() as stop:
+                while self.step < tc.max_steps:
+                    position = self.loader.consumed_samples
+                    if self.monitor is not None and position in self.monitor.skip_positions:
+                        self.loader.skip(tc.grad_accum_steps)  # the batch of an anomaly that was rolled back
+                        self.log.log({"kind": "event", "step": self.step, "event": "skipped_batch", "position": position})
+                        continue
+                    out = self.train_step()
+                    if not self.accepted(out, position):
+                        bar.n = self.step  # rolled back
+                        continue
+                    self.step += 1
+                    last_loss = out.loss
+                    bar.update(1)
+                    self.log_train(out, bar)
+                    if self.cfg.data.valid_prefix and tc.eval_every and (self.step % tc.eval_every == 0 or self.step == tc.max_steps):
+                        valid_loss = self.valid_loss()
+                        self.log.log({"kind": "valid", "step": self.step, "loss": valid_loss, "ppl": math.exp(min(valid_loss, 50.0))})
+                    self.telemetry.at(self.step)
+                    status = self.stop_status(stop)
+                    if status != "finished" or self.step == tc.max_steps or (tc.save_every and self.step % tc.save_every == 0):
+                        self.saved = str(self.ckpt.save(self.step, self.train_seconds))
+                    if status != "finished":
+                        self.log.log({"kind": "event", "step": self.step, "event": status, "checkpoint": self.saved})
+                        break
+        finally:
+            bar.close()
+            self.log.close()
+        return TrainResult(status=status, step=self.step, last_loss=last_loss, valid_loss=valid_loss, checkpoint=self.saved, main=self.engine.is_main)
 
-    log = MetricsLog(run_dir, cfg, str(device)) if engine.is_main else NullLog()
-    if resume_from is not None:
-        log.log({"kind": "event", "step": step, "event": "resumed", "checkpoint": str(resume_from), "rank_state": state["rank_state"]})
-    telemetry = GeometryTelemetry(cfg, engine, log)
-    if step == 0:
-        telemetry.at(0)  # geometry at init
-    tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * cfg.data.seq_len * engine.dp_size  # global
-    step_flops = flops_per_token(cfg.model, model_matmul_params(cfg), cfg.data.seq_len) * tokens_per_step
-    peak = device_peak_flops(device)  # per device; every rank measures at once (CPU: its share)
-    if peak:
-        peak *= engine.world_size  # MFU per device = achieved / (per-device peak x devices)
-
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = loader.next_batch()
-        top = int(max(inputs.max(), targets.max()))
-        if top >= cfg.model.vocab_size:
-            raise ValueError(
-                f"{cfg.data.train_prefix}: token id {top} does not fit model.vocab_size={cfg.model.vocab_size} (was the shard made with another tokenizer?)"
-            )
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = self.loader.next_batch()
+        check_token_ids(torch.stack([inputs.max(), targets.max()]), self.cfg.model.vocab_size, self.cfg.data.train_prefix)
         return inputs, targets
 
-    def checkpoint() -> str:
-        state = {
-            "step": step,
-            "loader": loader.state_dict(),
-            "rng": rng_state(),
-            "config": to_dict(cfg),
-            "world_size": engine.world_size,
-            "train_seconds": train_seconds,
-        }
-        if monitor is not None:
-            state["stability"] = monitor.state_dict()
+    def train_step(self) -> StepResult:
+        t0 = time.perf_counter()
+        out = self.engine.train_step([self.next_batch() for _ in range(self.tc.grad_accum_steps)], gate=self.gate)
+        elapsed = time.perf_counter() - t0
+        self.window_time += elapsed
+        self.window_steps += 1
+        self.train_seconds += elapsed
+        return out
 
-        def write_files(directory: Path) -> None:
-            engine.save(directory)
-            own = {
-                "rank": engine.rank,
-                "world_size": engine.world_size,
-                "dp_rank": engine.dp_rank,
-                "rng": rng_state(),
-                "loader": loader.state_dict(),
-            }
-            torch.save(own, directory / rank_state_name(engine.rank))
+    def accepted(self, out: StepResult, position: int) -> bool:
+        """Whether step `out` counts; False after a rollback. Raises TrainingDiverged when
+        the run cannot go on (a kept non-finite step, too many skips and rollbacks)."""
+        if self.monitor is None:
+            if not (math.isfinite(out.loss) and math.isfinite(out.grad_norm)):
+                raise self.diverged(out)
+            return True
+        verdict = self.monitor.respond(self.step + 1, out, position)
+        for record in verdict.records:
+            self.log.log(record)
+        if verdict.action == "diverged":
+            raise TrainingDiverged(verdict.message) if verdict.message else self.diverged(out)
+        if verdict.action == "rollback":
+            target = self.ckpt.latest()
+            self.step = self.ckpt.restore(target)["step"]
+            self.log.log({"kind": "event", "step": self.step, "event": "rollback", "checkpoint": str(target), "skip_position": position})
+            return False
+        return True
 
-        return str(
-            save_checkpoint(ckpt_root, step, write_files, state, keep=tc.keep_checkpoints, is_main=engine.is_main, barrier=engine.barrier)
-        )
-
-    def diverged(out: dict) -> TrainingDiverged:
-        log.log({"kind": "event", "step": step + 1, "event": "non_finite", **out})
-        last_good = find_checkpoint(ckpt_root, "auto")
-        applied = "was applied" if out.get("applied") else "was not applied"
+    def diverged(self, out: StepResult) -> TrainingDiverged:
+        self.log.log({"kind": "event", "step": self.step + 1, "event": "non_finite", **vars(out)})
+        applied = "was applied" if out.applied else "was not applied"
         return TrainingDiverged(
-            f"step {step + 1}: loss={out['loss']} grad_norm={out['grad_norm']} is not finite; the step {applied}. Last good "
-            f"checkpoint: {last_good or 'none'} (resume from it with a lower train.lr or more warmup, or set stability.response=rollback)."
+            f"step {self.step + 1}: loss={out.loss} grad_norm={out.grad_norm} is not finite; the step {applied}. Last good "
+            f"checkpoint: {self.ckpt.latest() or 'none'} (resume from it with a lower train.lr or more warmup, or set stability.response=rollback)."
         )
 
-    status, last_loss, valid_loss, saved = "finished", float("nan"), None, None
-    if monitor is not None and cfg.stability.response == "rollback" and resume_from is None:
-        saved = checkpoint()  # something to roll back to before the first checkpoint
-    gate = None
-    if monitor is not None and cfg.stability.response == "skip":
-        gate = lambda loss, grad_norm: not any(map(monitor.triggers, monitor.check({"loss": loss, "grad_norm": grad_norm})))  # noqa: E731
-    window_time, window_steps = 0.0, 0
-    bar = tqdm(total=tc.max_steps, initial=step, disable=not (cfg.log.progress and engine.is_main), dynamic_ncols=True, desc=run_dir.name)
-    try:
-        with StopFlag() as stop:
-            while step < tc.max_steps:
-                position = loader.consumed_samples
-                if monitor is not None and position in monitor.skip_positions:
-                    loader.skip(tc.grad_accum_steps)  # the batch of an anomaly that was rolled back
-                    log.log({"kind": "event", "step": step, "event": "skipped_batch", "position": position})
-                    continue
-                t0 = time.perf_counter()
-                batches = [next_batch() for _ in range(tc.grad_accum_steps)]
-                out = engine.train_step(batches, gate=gate) if gate is not None else engine.train_step(batches)
-                window_time += time.perf_counter() - t0
-                window_steps += 1
-                train_seconds += time.perf_counter() - t0
-                finite = math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"])
-                if monitor is None:
-                    if not finite:
-                        raise diverged(out)
-                else:
-                    values = {"loss": out["loss"], "grad_norm": out["grad_norm"], "update_norm": out.get("update_norm")}
-                    anomalies = monitor.check(values)
-                    flagged = {a.metric for a in anomalies}
-                    monitor.accept({k: v for k, v in values.items() if k not in flagged})
-                    acting = [a for a in anomalies if monitor.triggers(a)]
-                    response = cfg.stability.response if acting else "record"
-                    acted = response == "rollback" or (response == "skip" and not out["applied"])
-                    for anomaly in anomalies:
-                        log.log(anomaly.record(step + 1, response if acted and anomaly in acting else "record", out["applied"], position))
-                    if acted:
-                        monitor.actions += 1
-                        if monitor.actions > cfg.stability.max_actions:
-                            raise TrainingDiverged(
-                                f"step {step + 1}: {monitor.actions} skips/rollbacks exceed stability.max_actions={cfg.stability.max_actions}"
-                            )
-                    if response == "rollback":
-                        monitor.skip_positions.add(position)
-                        target = find_checkpoint(ckpt_root, "auto")
-                        restore(target)
-                        bar.n = step
-                        log.log({"kind": "event", "step": step, "event": "rollback", "checkpoint": str(target), "skip_position": position})
-                        continue
-                    if not finite and (response == "record" or out["applied"]):
-                        raise diverged(out)  # nothing can follow a non-finite step that was kept
-                step += 1
-                last_loss = out["loss"]
-                bar.update(1)
-                if step % cfg.log.every == 0 or step == tc.max_steps:
-                    tps = tokens_per_step * window_steps / window_time
-                    record = {
-                        "kind": "train",
-                        "step": step,
-                        "loss": last_loss,
-                        "grad_norm": out["grad_norm"],
-                        "lr": engine.lr,
-                        "tokens_per_s": tps,
-                        "train_seconds": train_seconds,
-                    }
-                    if out.get("update_norm") is not None:
-                        record["update_norm"] = out["update_norm"]
-                    if peak:
-                        record["mfu"] = step_flops * window_steps / window_time / peak
-                    record["peak_mem_gib"] = all_max(peak_memory_gib(device), device)  # the fullest stage / rank
-                    log.log(record)
-                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:.0f}", mfu=f"{record.get('mfu', float('nan')):.1%}")
-                    window_time, window_steps = 0.0, 0
-                if cfg.data.valid_prefix and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
-                    valid_loss = evaluate_loss(engine, cfg)
-                    log.log({"kind": "valid", "step": step, "loss": valid_loss, "ppl": math.exp(min(valid_loss, 50.0))})
-                telemetry.at(step)
-                if stop.signum is not None:
-                    status = f"signalled ({signal.Signals(stop.signum).name})"
-                elif tc.exit_at_step and step >= tc.exit_at_step:
-                    status = "exited (train.exit_at_step)"
-                elif tc.exit_after_minutes and time.monotonic() - t_start > 60 * tc.exit_after_minutes:
-                    status = "exited (train.exit_after_minutes)"
-                if engine.world_size > 1 and engine.any_rank(status != "finished") and status == "finished":
-                    status = "signalled (on another rank)"  # all ranks stop at the same step
-                if status != "finished" or step == tc.max_steps or (tc.save_every and step % tc.save_every == 0):
-                    saved = checkpoint()
-                if status != "finished":
-                    log.log({"kind": "event", "step": step, "event": status, "checkpoint": saved})
-                    break
-    finally:
-        bar.close()
-        log.close()
-    return TrainResult(status=status, step=step, last_loss=last_loss, valid_loss=valid_loss, checkpoint=saved, main=engine.is_main)
+    def log_train(self, out: StepResult, bar) -> None:
+        if self.step % self.cfg.log.every and self.step != self.tc.max_steps:
+            return
+        tps = self.tokens_per_step * self.window_steps / self.window_time
+        record = {"kind": "train", "step": self.step, "loss": out.loss, "grad_norm": out.grad_norm, "lr": self.engine.lr, "tokens_per_s": tps}
+        record["train_seconds"] = self.train_seconds
+        if out.update_norm is not None:
+            record["update_norm"] = out.update_norm
+        if self.peak:
+            record["mfu"] = self.step_flops * self.window_steps / self.window_time / self.peak
+        record["peak_mem_gib"] = all_max(peak_memory_gib(self.engine.device), self.engine.device)  # the fullest stage / rank
+        self.log.log(record)
+        bar.set_postfix(loss=f"{out.loss:.3f}", tok_s=f"{tps:.0f}", mfu=f"{record.get('mfu', float('nan')):.1%}")
+        self.window_time, self.window_steps = 0.0, 0
+
+    def valid_loss(self) -> float:
+        """heldout_loss over `train.eval_batches` batches of the global micro-batch size
+        (every rank gets the whole batch, the engine splits it over data-parallel ranks), so
+        any engine at the same global batch evaluates the same windows."""
+        size = self.tc.micro_batch_size * self.engine.dp_size
+        return heldout_loss(self.engine.eval_loss, self.cfg.data.valid_prefix, self.cfg.data.seq_len, size, self.tc.eval_batches)["loss"]
+
+    def stop_status(self, stop: StopFlag) -> str:
+        status = "finished"
+        if stop.signum is not None:
+            status = f"signalled ({signal.Signals(stop.signum).name})"
+        elif self.tc.exit_at_step and self.step >= self.tc.exit_at_step:
+            status = "exited (train.exit_at_step)"
+        elif self.tc.exit_after_minutes and time.monotonic() - self.t_start > 60 * self.tc.exit_after_minutes:
+            status = "exited (train.exit_after_minutes)"
+        if self.engine.world_size > 1 and self.engine.any_rank(status != "finished") and status == "finished":
+            status = "signalled (on another rank)"  # all ranks stop at the same step
+        return status
 
 
 def main(argv: list[str] | None = None) -> int:

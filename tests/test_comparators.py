@@ -195,7 +195,7 @@ def test_nstream_mappings_at_init():
 
 
 def test_nstream_gate_parameters_have_no_weight_decay():
-    from megatron_mgt.engine.single import param_groups
+    from megatron_mgt.engine.optim import param_groups
 
     rule = NStreamMHC(tiny("mhc_nstream"))
     decay, no_decay = (set(map(id, g["params"])) for g in param_groups(rule, 0.1))

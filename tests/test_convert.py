@@ -11,7 +11,8 @@ import torch
 
 from megatron_mgt.checkpoint import find_checkpoint
 from megatron_mgt.config import load_config
-from megatron_mgt.convert import convert, detect_layout, main
+from megatron_mgt.convert import convert, main
+from megatron_mgt.engine import detect_layout
 from megatron_mgt.evaluate import load_model, perplexity
 from tests.engine_runs import GLOBAL_MICRO, STEPS, launch, overrides, root, straight, train_records, valid_records
 

@@ -17,7 +17,7 @@ import torch
 
 from megatron_mgt.config import ConfigError, load_config
 from megatron_mgt.engine.ds_common import deepspeed_config
-from megatron_mgt.engine.pipeline import replay_init, single_key
+from megatron_mgt.engine.pipeline import pipe_prefix, replay_init
 from megatron_mgt.model import Transformer
 from tests.engine_runs import REFERENCE, SPLIT, STEPS, geometry_records, split, straight, train_records, valid_records
 
@@ -117,7 +117,7 @@ def test_pipeline_init_replays_single_engine_init(tie, residual):
     reference = Transformer(cfg).state_dict()
     keep = set(range(cfg.n_layers + 3))
     replay = replay_init(cfg, 7, keep)
-    rebuilt = {single_key(cfg, layer, k): v for layer, state in replay.items() for k, v in state.items()}
+    rebuilt = {pipe_prefix(cfg, layer) + k: v for layer, state in replay.items() for k, v in state.items()}
     assert rebuilt.keys() == reference.keys()
     assert all(torch.equal(rebuilt[k], reference[k]) for k in reference)
     # a stage that keeps only some layers gets the same tensors, and the caller's RNG is left alone

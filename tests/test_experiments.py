@@ -11,7 +11,7 @@ import yaml
 from megatron_mgt.experiments.ablation import synergy
 from megatron_mgt.experiments.cli import main as experiment_main
 from megatron_mgt.experiments.cli import run_experiment
-from megatron_mgt.experiments.common import pearson, spearman
+from megatron_mgt.experiments.stats import pearson, spearman
 
 MICRO = {
     "model": {"vocab_size": 256, "d_model": 32, "n_heads": 2, "max_seq_len": 32},
@@ -82,7 +82,8 @@ def test_interrupted_run_resumes(micro):
     write_preset, pool, root = micro
     preset = write_preset("depth_scaling", {"variants": ["preln"], "depths": [3], "seeds": [1]})
     # An interrupted run: trained to step 3 under the pool's naming; the runner resumes it.
-    from megatron_mgt.experiments.common import derive, load_experiment, run_name
+    from megatron_mgt.config import derive
+    from megatron_mgt.experiments.common import load_experiment, run_name
     from megatron_mgt.train import train
 
     exp = load_experiment("depth_scaling", preset)

@@ -54,3 +54,21 @@ def test_exact_on_small_cases_against_brute_force():
 def test_too_many_stages_is_an_error():
     with pytest.raises(ValueError, match="non-empty"):
         partition_balanced([1.0, 1.0], 3)
+
+
+def test_partition_minimises_the_heaviest_stage_by_brute_force():
+    rng = random.Random(0)
+    for _ in range(30):
+        weights = [rng.randint(1, 9) for _ in range(rng.randint(3, 9))]
+        parts = rng.randint(1, len(weights))
+        bounds = partition_balanced(weights, parts)
+        assert bounds[0] == 0 and bounds[-1] == len(weights) and len(bounds) == parts + 1
+        assert all(a < b for a, b in itertools.pairwise(bounds))
+        got = max(sum(weights[a:b]) for a, b in itertools.pairwise(bounds))
+        best = min(
+            max(sum(weights[a:b]) for a, b in itertools.pairwise((0, *cuts, len(weights))))
+            for cuts in itertools.combinations(range(1, len(weights)), parts - 1)
+        )
+        assert got == best
+    with pytest.raises(ValueError):
+        partition_balanced([1, 2], 3)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import random
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from megatron_mgt.config import load_config
 from megatron_mgt.flops import matmul_params
 from megatron_mgt.model import Transformer
-from megatron_mgt.plan import Cluster, balanced_split, build_plan, main, pipeline_bubble
+from megatron_mgt.plan import Cluster, build_plan, main, pipeline_bubble
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "configs" / "mgt_200l.yaml"
@@ -53,24 +52,6 @@ def test_bubble_formula():
     cfg = load_config(PRESET)
     plan = build_plan(cfg, Cluster(nodes=2, gpus_per_node=8, pipeline_stages=8, micro_batches=32))
     assert plan.micro_batches == 32 and plan.bubble == pytest.approx(7 / 39)
-
-
-def test_balanced_split_minimises_the_heaviest_stage():
-    rng = random.Random(0)
-    for _ in range(30):
-        weights = [rng.randint(1, 9) for _ in range(rng.randint(3, 9))]
-        parts = rng.randint(1, len(weights))
-        bounds = balanced_split(weights, parts)
-        assert bounds[0] == 0 and bounds[-1] == len(weights) and len(bounds) == parts + 1
-        assert all(a < b for a, b in itertools.pairwise(bounds))
-        got = max(sum(weights[a:b]) for a, b in itertools.pairwise(bounds))
-        best = min(
-            max(sum(weights[a:b]) for a, b in itertools.pairwise((0, *cuts, len(weights))))
-            for cuts in itertools.combinations(range(1, len(weights)), parts - 1)
-        )
-        assert got == best
-    with pytest.raises(ValueError):
-        balanced_split([1, 2], 3)
 
 
 def test_activation_memory_follows_the_1f1b_schedule():

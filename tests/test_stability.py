@@ -16,7 +16,8 @@ from megatron_mgt.checkpoint import find_checkpoint
 from megatron_mgt.config import ConfigError, StabilityConfig, load_config
 from megatron_mgt.data.indexed import bin_path, idx_path
 from megatron_mgt.data.loader import TokenBatchLoader
-from megatron_mgt.engine.single import SingleEngine, adamw_update_sq_norm, scheduled_lrs
+from megatron_mgt.engine.optim import adamw_update_sq_norm, scheduled_lrs
+from megatron_mgt.engine.single import SingleEngine
 from megatron_mgt.metrics import read_metrics
 from megatron_mgt.stability import PRE_STEP_KINDS, Anomaly, StabilityMonitor
 from megatron_mgt.train import train
@@ -169,7 +170,7 @@ def test_update_norm_is_the_applied_update(zipf_shards, tmp_path):
         measured = math.sqrt(
             sum(((p.detach() - b).double() ** 2).sum().item() for p, b in zip(engine.model.parameters(), before, strict=True))
         )
-        assert out["applied"] and out["update_norm"] == pytest.approx(measured, rel=1e-4)
+        assert out.applied and out.update_norm == pytest.approx(measured, rel=1e-4)
         assert math.sqrt(adamw_update_sq_norm(engine.optimizer, scheduled_lrs(engine.scheduler)).item()) == pytest.approx(
             measured, rel=1e-4
         )

@@ -94,7 +94,7 @@ def test_geometry_every_validated():
 
 def test_nstream_snapshot_record_has_h_res_and_mean_stream_layers():
     from megatron_mgt.config import ModelConfig
-    from megatron_mgt.evaluate import geometry_snapshot
+    from megatron_mgt.geometry import geometry_snapshot
     from megatron_mgt.model import Transformer
     from megatron_mgt.telemetry import snapshot_record
 

@@ -118,7 +118,7 @@ def test_vocab_mismatch_with_data_is_a_clear_error(zipf_shards, tmp_path):
 
 def test_lr_schedule_is_linear_warmup_then_cosine():
     from megatron_mgt.config import TrainConfig
-    from megatron_mgt.engine.single import lr_factor
+    from megatron_mgt.engine.optim import lr_factor
 
     t = TrainConfig(warmup_steps=4, max_steps=14, min_lr_ratio=0.1)
     assert [lr_factor(s, t) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

@@ -122,6 +122,13 @@ class TokenBatchLoader:
         return batch
 
 
+def check_token_ids(tokens: torch.Tensor, vocab_size: int, source: str | os.PathLike) -> None:
+    """Every id in `tokens` must index the model's embedding: max(tokens) < vocab_size."""
+    top = int(tokens.max()) if tokens.numel() else -1
+    if top >= vocab_size:
+        raise ValueError(f"{source}: token id {top} does not fit model.vocab_size={vocab_size} (was the shard made with another tokenizer?)")
+
+
 def eval_batches(
     path_prefix: str | os.PathLike, seq_len: int, batch_size: int, max_batches: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -139,6 +146,17 @@ def eval_batches(
     if max_batches is not None:
         starts = starts[:max_batches]
     return (_gather(dataset.tokens, np.arange(start, min(start + batch_size, num_windows)), seq_len) for start in starts)
+
+
+def spread_windows(path_prefix: str | os.PathLike, seq_len: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`count` windows spread evenly over the whole shard (window i starts at window index
+    floor(i * N / count) of its N non-overlapping windows): a probe of the whole split, not
+    of its first pages. Fewer when the shard has fewer windows."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    dataset = IndexedDataset(path_prefix)
+    n = _window_count(dataset, seq_len)
+    return _gather(dataset.tokens, np.unique(np.arange(count, dtype=np.int64) * n // count), seq_len)
 
 
 def scoring_windows(

@@ -7,6 +7,7 @@ localhost rendezvous (DeepSpeed otherwise falls into an MPI lookup).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from dataclasses import dataclass
@@ -40,11 +41,14 @@ def launcher_env() -> DistEnv:
     return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    """`train.device` for one rank: auto/cuda -> cuda:LOCAL_RANK when CUDA is there, else cpu."""
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """`train.device` for one rank: auto/cuda -> the CUDA device LOCAL_RANK % device_count
+    (sites that bind one GPU per task show each task a single device) when CUDA is there,
+    else cpu; any other name (cpu, cuda:1, ...) as given."""
     if name in ("auto", "cuda") and torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     if name == "cuda":
         raise ConfigError("train.device=cuda but CUDA is not available")
     return torch.device("cpu" if name == "auto" else name)
@@ -68,10 +72,20 @@ def init_distributed(cfg: Config) -> tuple[DistEnv, torch.device]:
     return env, device
 
 
+def bf16_enabled(precision: str, device_type: str) -> bool:
+    """The one precision rule: bf16 when `train.precision` is bf16, or auto on CUDA; else fp32."""
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
 def use_bf16(cfg: Config, device: torch.device) -> bool:
-    """Same rule as the single engine: bf16 on CUDA (precision auto or bf16), fp32 on CPU."""
-    p = cfg.train.precision
-    return p == "bf16" or (p == "auto" and device.type == "cuda")
+    return bf16_enabled(cfg.train.precision, device.type)
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast where `bf16_enabled`, else nothing (fp32)."""
+    if bf16_enabled(precision, device.type):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def all_mean(value: torch.Tensor, group=None) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""What both DeepSpeed engines share: importing DeepSpeed safely on CPU and building its
-config dict with the project's TrainConfig as the one source of the training knobs.
+"""What both DeepSpeed engines share: importing DeepSpeed safely on CPU, building its
+config dict with the project's TrainConfig as the one source of the training knobs, saving
+and loading DeepSpeed checkpoints, and the update norm under its ZeRO optimizers.
 
 The JSON named by `parallel.deepspeed_config` (configs/deepspeed/*.json) holds only what the
 YAML presets do not: ZeRO bucket sizes and overlap, bf16 extras, communication dtype,
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_mgt.checkpoint import checkpoint_step
 from megatron_mgt.config import Config, ConfigError
 from megatron_mgt.engine.dist import all_sum
-from megatron_mgt.engine.single import adamw_update_sq_norm, inner_adamw, scheduled_lrs
+from megatron_mgt.engine.optim import adamw_update_sq_norm, inner_adamw, scheduled_lrs, set_schedule_step
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,6 +99,23 @@ def deepspeed_config(cfg: Config, dp_size: int, bf16: bool) -> dict:
         "bf16": bf16_section,
     }
     return config
+
+
+def ds_save(engine, directory: Path) -> None:
+    """DeepSpeed writes into save_dir/tag: the step dir is parent/name."""
+    engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+
+
+def ds_load(engine, directory: Path) -> None:
+    """Full state when the checkpoint has optimizer files, else weights only (converted)."""
+    has_optim = any(directory.glob("*optim_states.pt"))
+    path, _ = engine.load_checkpoint(
+        str(directory.parent), tag=directory.name, load_optimizer_states=has_optim, load_lr_scheduler_states=has_optim, load_module_only=not has_optim
+    )
+    if path is None:
+        raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
+    if not has_optim:
+        set_schedule_step(engine.lr_scheduler, checkpoint_step(directory))
 
 
 def update_norm(cfg: Config, engine, device: torch.device, counted_twice: torch.Tensor | None = None) -> float | None:

@@ -22,10 +22,11 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from megatron_mgt.config import Config
-from megatron_mgt.engine.base import EngineBase
+from megatron_mgt.checkpoint import checkpoint_step
+from megatron_mgt.config import Config, ModelConfig
+from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult
 from megatron_mgt.engine.dist import all_mean, all_sum, dp_slice, init_distributed, shutdown, use_bf16, weighted_mean
-from megatron_mgt.engine.single import Batch, Gate, build_optimizer, checkpoint_step, finish_step, set_schedule_step
+from megatron_mgt.engine.optim import build_optimizer, finish_step, set_schedule_step
 from megatron_mgt.model import Transformer, lm_loss
 
 DCP_DIR = "dcp"
@@ -44,6 +45,8 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
 
 
 class FSDPEngine(EngineBase):
+    LAYOUT = "dcp"
+
     def __init__(self, cfg: Config, device: torch.device | None = None):
         self.cfg = cfg
         env, self.device = init_distributed(cfg)
@@ -65,7 +68,7 @@ class FSDPEngine(EngineBase):
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
 
-    def train_step(self, micro_batches: list[Batch], gate: Gate | None = None) -> dict[str, float]:
+    def train_step(self, micro_batches: list[Batch], gate: Gate | None = None) -> StepResult:
         self.model.train()
         total = torch.zeros((), device=self.device)
         n = len(micro_batches)
@@ -115,3 +118,23 @@ class FSDPEngine(EngineBase):
 
     def close(self) -> None:
         shutdown()
+
+    @staticmethod
+    def holds(directory: Path) -> bool:
+        return (directory / DCP_DIR / ".metadata").is_file()
+
+    @staticmethod
+    def read_weights(directory: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        """The 'model' entries of the DCP directory, gathered into one state dict (no process group)."""
+        import tempfile
+
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory(prefix="mgt_dcp_") as tmp:
+            dcp_to_torch_save(directory / DCP_DIR, Path(tmp) / "full.pt")
+            full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=False)
+        return dict(full["model"])
+
+    @classmethod
+    def write_weights(cls, state: dict[str, torch.Tensor], directory: Path, cfg: ModelConfig) -> None:
+        dcp.save({"model": state}, checkpoint_id=str(directory / DCP_DIR), no_dist=True)

@@ -25,23 +25,27 @@ list above; the tied head has no file of its own), mp_rank_*_model_states.pt and
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_mgt.checkpoint import checkpoint_step
 from megatron_mgt.config import Config, ConfigError, ModelConfig
-from megatron_mgt.engine.base import EngineBase
+from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult
 from megatron_mgt.engine.dist import dp_slice, init_distributed, resolve_backend, shutdown, use_bf16
-from megatron_mgt.engine.ds_common import deepspeed_config, import_deepspeed, update_norm
+from megatron_mgt.engine.ds_common import deepspeed_config, ds_load, ds_save, import_deepspeed, update_norm
+from megatron_mgt.engine.optim import build_optimizer, set_schedule_step
 from megatron_mgt.engine.partition import layer_costs, partition_balanced
-from megatron_mgt.engine.single import Batch, build_optimizer, checkpoint_step, set_schedule_step
-from megatron_mgt.engine.zero import ds_load, ds_save
+from megatron_mgt.geometry import layer_geometry, sublayer_geometry
 from megatron_mgt.model import lm_loss
 from megatron_mgt.model.block import Block
+from megatron_mgt.model.residual import rule_type
 
 TIED_KEY = "embed"
+_LAYER_FILE = re.compile(r"layer_(\d+)-model_states\.pt$")
 
 
 def tied_head(embedding: nn.Embedding, x: torch.Tensor) -> torch.Tensor:
@@ -52,11 +56,7 @@ def tied_head(embedding: nn.Embedding, x: torch.Tensor) -> torch.Tensor:
 def _stream_hook(cfg: ModelConfig, name: str):
     """The residual rule's `expand` / `collapse` of the residual stream (multi-stream rules
     widen it after the embedding and narrow it before the final norm, as
-    `Transformer.forward` does), or None when the model has no such hooks."""
-    try:
-        from megatron_mgt.model.residual import rule_type
-    except ImportError:
-        return None
+    `Transformer.forward` does), or None for rules without one."""
     return getattr(rule_type(cfg), name, None)
 
 
@@ -98,15 +98,23 @@ def layer_specs(cfg: ModelConfig) -> list:
     return [embed, *blocks, LayerSpec(PipeFinalNorm, cfg), head]
 
 
-def single_key(cfg: ModelConfig, layer: int, key: str) -> str:
-    """The single-engine (model.pt) name of parameter `key` of pipeline layer `layer`."""
+def pipe_prefix(cfg: ModelConfig, layer: int) -> str:
+    """The single-engine (model.pt) name prefix of pipeline layer `layer`'s parameters."""
     if layer == 0:
-        return f"embed.{key}"
+        return "embed."
     if layer <= cfg.n_layers:
-        return f"layers.{layer - 1}.{key}"
-    if layer == cfg.n_layers + 1:
-        return f"norm.{key}"
-    return f"head.{key}"
+        return f"layers.{layer - 1}."
+    return "norm." if layer == cfg.n_layers + 1 else "head."
+
+
+def pipe_layer_file(directory: Path, layer: int) -> Path:
+    """DeepSpeed's name for a pipeline layer file (PipelineModule.ckpt_layer_path)."""
+    return directory / f"layer_{layer:02d}-model_states.pt"
+
+
+def _file_layers(cfg: ModelConfig) -> range:
+    """Pipeline layers that have a file: the tied head has none of its own."""
+    return range(cfg.n_layers + 2 if cfg.tie_embeddings else cfg.n_layers + 3)
 
 
 def replay_init(cfg: ModelConfig, seed: int, keep: set[int]) -> dict[int, dict[str, torch.Tensor]]:
@@ -168,6 +176,8 @@ def local_layers(module) -> dict[int, nn.Module]:
 
 
 class PipelineEngine(EngineBase):
+    LAYOUT = "pipe"
+
     def __init__(self, cfg: Config, device: torch.device | None = None):
         self.cfg = cfg
         env, self.device = init_distributed(cfg)
@@ -218,21 +228,22 @@ class PipelineEngine(EngineBase):
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[Batch], gate: Gate | None = None) -> StepResult:
         """1F1B over the micro-batches; the loss comes from the last stage, averaged over
         data-parallel replicas and broadcast to every stage; the grad norm is DeepSpeed's
         (summed over stages, tied copies counted once), before clipping."""
+        self.refuse_gate(gate)
         second_copy = self._second_tied_copy()
         before = second_copy.detach().clone() if second_copy is not None else None
         loss = self.engine.train_batch(data_iter=iter(micro_batches))
         norm = self.engine.get_global_grad_norm()
         twice = (second_copy.detach() - before).pow(2).sum() if before is not None else None
-        return {
-            "loss": float(loss),
-            "grad_norm": float(norm) if norm is not None else float("nan"),
-            "applied": self.engine.was_step_applied(),
-            "update_norm": update_norm(self.cfg, self.engine, self.device, counted_twice=twice),
-        }
+        return StepResult(
+            loss=float(loss),
+            grad_norm=float(norm) if norm is not None else float("nan"),
+            applied=self.engine.was_step_applied(),
+            update_norm=update_norm(self.cfg, self.engine, self.device, counted_twice=twice),
+        )
 
     def _second_tied_copy(self) -> torch.Tensor | None:
         """The tied embedding weight on the last stage of replica 0 (the first stage holds the
@@ -270,11 +281,8 @@ class PipelineEngine(EngineBase):
         """The probe through the pipeline (every replica sends it whole); each stage records
         the stream after its embedding / blocks (forward hooks) and what its residual rules
         capture, measures its own layers, and all_gather_object assembles replica 0's parts in
-        depth order: the same record evaluate.geometry_snapshot gives for the whole model."""
+        depth order: the same record geometry.geometry_snapshot gives for the whole model."""
         import torch.distributed as dist
-
-        from megatron_mgt.evaluate import sublayer_geometry
-        from megatron_mgt.geometry import layer_geometry
 
         layers = {idx: m for idx, m in local_layers(self.model).items() if idx <= self.cfg.model.n_layers}  # embedding, blocks
         hidden: dict[int, torch.Tensor] = {}
@@ -323,8 +331,6 @@ class PipelineEngine(EngineBase):
         if any(directory.glob("*optim_states.pt")):
             ds_load(self.engine, directory)
             return
-        from megatron_mgt.convert import pipe_layer_file
-
         with torch.no_grad():
             for idx, layer in local_layers(self.model).items():
                 path = pipe_layer_file(directory, idx if idx <= self.cfg.model.n_layers + 1 or not self.cfg.model.tie_embeddings else 0)
@@ -336,3 +342,27 @@ class PipelineEngine(EngineBase):
 
     def close(self) -> None:
         shutdown()
+
+    @staticmethod
+    def holds(directory: Path) -> bool:
+        return any(_LAYER_FILE.search(p.name) for p in directory.glob("layer_*-model_states.pt"))
+
+    @staticmethod
+    def read_weights(directory: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        for layer in _file_layers(cfg):
+            path = pipe_layer_file(directory, layer)
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing pipeline layer file (model has {cfg.n_layers} blocks, tie_embeddings={cfg.tie_embeddings})")
+            prefix = pipe_prefix(cfg, layer)
+            for key, value in torch.load(path, map_location="cpu", weights_only=True).items():
+                state[prefix + key] = value
+        if cfg.tie_embeddings:
+            state["head.weight"] = state["embed.weight"]
+        return state
+
+    @classmethod
+    def write_weights(cls, state: dict[str, torch.Tensor], directory: Path, cfg: ModelConfig) -> None:
+        for layer in _file_layers(cfg):
+            prefix = pipe_prefix(cfg, layer)
+            torch.save({k[len(prefix) :]: v.clone() for k, v in state.items() if k.startswith(prefix)}, pipe_layer_file(directory, layer))

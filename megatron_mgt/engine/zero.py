@@ -13,32 +13,17 @@ from pathlib import Path
 
 import torch
 
-from megatron_mgt.config import Config
-from megatron_mgt.engine.base import EngineBase
+from megatron_mgt.config import Config, ModelConfig
+from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult
 from megatron_mgt.engine.dist import all_mean, dp_slice, init_distributed, resolve_backend, shutdown, use_bf16, weighted_mean
-from megatron_mgt.engine.ds_common import deepspeed_config, import_deepspeed, update_norm
-from megatron_mgt.engine.single import Batch, build_optimizer, checkpoint_step, set_schedule_step
+from megatron_mgt.engine.ds_common import deepspeed_config, ds_load, ds_save, import_deepspeed, update_norm
+from megatron_mgt.engine.optim import build_optimizer
 from megatron_mgt.model import Transformer, lm_loss
 
 
-def ds_save(engine, directory: Path) -> None:
-    """DeepSpeed writes into save_dir/tag: the step dir is parent/name."""
-    engine.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
-
-
-def ds_load(engine, directory: Path) -> None:
-    """Full state when the checkpoint has optimizer files, else weights only (converted)."""
-    has_optim = any(directory.glob("*optim_states.pt"))
-    path, _ = engine.load_checkpoint(
-        str(directory.parent), tag=directory.name, load_optimizer_states=has_optim, load_lr_scheduler_states=has_optim, load_module_only=not has_optim
-    )
-    if path is None:
-        raise FileNotFoundError(f"{directory}: DeepSpeed found no checkpoint to load")
-    if not has_optim:
-        set_schedule_step(engine.lr_scheduler, checkpoint_step(directory))
-
-
 class ZeroEngine(EngineBase):
+    LAYOUT = "zero"
+
     def __init__(self, cfg: Config, device: torch.device | None = None):
         self.cfg = cfg
         env, self.device = init_distributed(cfg)
@@ -57,9 +42,10 @@ class ZeroEngine(EngineBase):
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def train_step(self, micro_batches: list[Batch]) -> dict[str, float]:
+    def train_step(self, micro_batches: list[Batch], gate: Gate | None = None) -> StepResult:
         """DeepSpeed scales each micro-batch loss by 1/accumulation, averages gradients over
         ranks, clips by the global norm and steps at the last micro-batch."""
+        self.refuse_gate(gate)
         self.engine.train()
         total = torch.zeros((), device=self.device)
         for inputs, targets in micro_batches:
@@ -68,12 +54,12 @@ class ZeroEngine(EngineBase):
             self.engine.step()
             total += loss.detach()
         norm = self.engine.get_global_grad_norm()
-        return {
-            "loss": all_mean(total / len(micro_batches)).item(),
-            "grad_norm": float(norm) if norm is not None else float("nan"),
-            "applied": self.engine.was_step_applied(),
-            "update_norm": update_norm(self.cfg, self.engine, self.device),
-        }
+        return StepResult(
+            loss=all_mean(total / len(micro_batches)).item(),
+            grad_norm=float(norm) if norm is not None else float("nan"),
+            applied=self.engine.was_step_applied(),
+            update_norm=update_norm(self.cfg, self.engine, self.device),
+        )
 
     @torch.no_grad()
     def eval_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -91,3 +77,17 @@ class ZeroEngine(EngineBase):
 
     def close(self) -> None:
         shutdown()
+
+    @staticmethod
+    def holds(directory: Path) -> bool:
+        return any(directory.glob("*optim_states.pt"))
+
+    @staticmethod
+    def read_weights(directory: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        """fp32 weights consolidated from the ZeRO partitions by DeepSpeed's zero_to_fp32."""
+        import os
+
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name))

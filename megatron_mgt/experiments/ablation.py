@@ -13,18 +13,10 @@ from __future__ import annotations
 import math
 
 from megatron_mgt import plots
-from megatron_mgt.experiments.common import (
-    Experiment,
-    derive,
-    markdown_table,
-    mean_std,
-    run_grid,
-    run_summary,
-    sizes_line,
-    train_curve,
-    variants_for,
-    write_results,
-)
+from megatron_mgt.config import derive
+from megatron_mgt.experiments.common import Experiment, run_grid, run_summary, train_curve, variants_for
+from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
+from megatron_mgt.experiments.stats import mean_std
 
 
 def synergy(l_base: float, l_mgt: float, l_mhc: float, l_ddl: float) -> float:

@@ -18,18 +18,10 @@ import json
 import math
 
 from megatron_mgt import plots
-from megatron_mgt.experiments.common import (
-    Experiment,
-    derive,
-    markdown_table,
-    mean_std,
-    run_grid,
-    run_summary,
-    sizes_line,
-    spearman,
-    variants_for,
-    write_results,
-)
+from megatron_mgt.config import derive
+from megatron_mgt.experiments.common import Experiment, run_grid, run_summary, variants_for
+from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
+from megatron_mgt.experiments.stats import mean_std, spearman
 
 
 def layer_beta(sublayers: dict, n_layers: int, key: str) -> list[float]:

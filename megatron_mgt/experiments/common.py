@@ -1,4 +1,5 @@
-"""What every protocol runner shares: experiment presets, the run pool, one run end to end.
+"""What every protocol runner shares: experiment presets, the run pool, one run end to end
+(statistics: experiments/stats.py; tables and results files: experiments/report.py).
 
 An experiment preset (configs/experiments/*.yaml) is a small YAML mapping:
 
@@ -25,7 +26,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,12 +35,15 @@ import yaml
 from tqdm import tqdm
 
 from megatron_mgt.checkpoint import complete_checkpoints, find_checkpoint
-from megatron_mgt.config import Config, ConfigError, _merge, _read_yaml, parse_override, to_dict, validate
+from megatron_mgt.config import Config, ConfigError, derive, merge, override_text, parse_override, read_yaml, to_dict, validate
 from megatron_mgt.data.loader import eval_batches
-from megatron_mgt.evaluate import evaluate, geometry_snapshot, load_model
+from megatron_mgt.engine.dist import resolve_device
+from megatron_mgt.evaluate import evaluate, load_model
+from megatron_mgt.geometry import geometry_snapshot
 from megatron_mgt.metrics import read_metrics
+from megatron_mgt.model import Transformer, lm_loss
 from megatron_mgt.model.residual import RESIDUAL_RULES
-from megatron_mgt.train import TrainingDiverged, resolve_device, train
+from megatron_mgt.train import TrainingDiverged, heldout_loss, train
 
 PAPER_VARIANTS = ("preln", "postln", "deepnorm", "mhc", "ddl", "mgt")
 COMPARATORS = ("ddl_rank1", "mhc_nstream")  # used when registered in RESIDUAL_RULES at run time
@@ -52,7 +56,6 @@ _VOLATILE = (
     "train.exit_after_minutes",
     "train.device",
     "log.",
-    "data.prepare_default",
 )
 
 
@@ -83,14 +86,14 @@ def load_experiment(
         raise ConfigError(f"{path} is a preset for experiment '{spec['experiment']}', not '{name}'")
     cfg = Config()
     if spec.get("base"):
-        _merge(cfg, _read_yaml(path.parent / spec["base"]), "")
+        merge(cfg, read_yaml(path.parent / spec["base"]))
     grid = dict(spec.get("grid") or {})
-    run_overrides = [f"{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in (spec.get("overrides") or {}).items()]
+    run_overrides = [override_text(k, v) for k, v in (spec.get("overrides") or {}).items()]
     for text in list(run_overrides) + list(overrides):
         if text.startswith("grid."):
             grid.update(parse_override(text)["grid"])
         else:
-            _merge(cfg, parse_override(text), "")
+            merge(cfg, parse_override(text))
     validate(cfg)
     return Experiment(
         name=name,
@@ -113,16 +116,6 @@ def variants_for(requested: Iterable[str]) -> list[str]:
         else:
             tqdm.write(f"[experiments] variant '{name}' is not registered in RESIDUAL_RULES; skipped")
     return out
-
-
-def derive(base: Config, changes: Mapping[str, object]) -> Config:
-    """A copy of `base` with dotted `changes` applied and validated."""
-    cfg = Config()
-    _merge(cfg, to_dict(base), "")
-    for key, value in changes.items():
-        _merge(cfg, parse_override(f"{key}={json.dumps(value) if isinstance(value, (list, dict)) else value}"), "")
-    validate(cfg)
-    return cfg
 
 
 def _flatten(data: dict, prefix: str = "") -> dict:
@@ -194,22 +187,22 @@ def ensure_run(
         if not _is_finished(run_dir, cfg):
             trained_now = True
             t0 = time.monotonic()
-            info = _read_json(run_dir / "run_info.json") or {"wall_seconds": 0.0}
+            info = read_json(run_dir / "run_info.json") or {"wall_seconds": 0.0}
             try:
                 result = train(cfg)
             except TrainingDiverged as err:
                 info.update(wall_seconds=info["wall_seconds"] + time.monotonic() - t0, diverged=str(err))
-                _write_json(run_dir / "run_info.json", info)
-                _write_json(run_dir / "diverged.json", {"message": str(err)})
+                write_json(run_dir / "run_info.json", info)
+                write_json(run_dir / "diverged.json", {"message": str(err)})
             else:
                 if result.status != "finished":
                     raise RuntimeError(f"{name}: training stopped early ({result.status}); run the experiment again to resume")
                 info.update(wall_seconds=info["wall_seconds"] + time.monotonic() - t0)
                 info["tokens"] = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len
-                _write_json(run_dir / "run_info.json", info)
+                write_json(run_dir / "run_info.json", info)
                 evaluate(cfg, run_dir)
         if evolution and not (run_dir / "eval" / "evolution.json").is_file():
-            _write_json(run_dir / "eval" / "evolution.json", checkpoint_evolution(cfg, run_dir))
+            write_json(run_dir / "eval" / "evolution.json", checkpoint_evolution(cfg, run_dir))
     diverged = (run_dir / "diverged.json").is_file()
     return RunOutcome(
         name=name,
@@ -217,8 +210,8 @@ def ensure_run(
         cfg=cfg,
         status="diverged" if diverged else "finished",
         trained_now=trained_now,
-        eval=_read_json(run_dir / "eval" / "eval.json"),
-        info=_read_json(run_dir / "run_info.json") or {},
+        eval=read_json(run_dir / "eval" / "eval.json"),
+        info=read_json(run_dir / "run_info.json") or {},
     )
 
 
@@ -226,19 +219,15 @@ def ensure_run(
 def checkpoint_evolution(cfg: Config, run_dir: Path) -> dict:
     """Geometry (per-layer erank, token cosine, per-sublayer beta stats) and held-out loss
     (train.eval_batches batches) at init and at every kept checkpoint."""
-    from megatron_mgt.model import Transformer, lm_loss
-
     device = resolve_device(cfg.train.device)
     probe, _ = next(iter(eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.geometry_batch, 1)))
     probe = probe.to(device)
 
     def record(model, step: int) -> dict:
-        losses = [
-            lm_loss(model(x.to(device)), y.to(device)).item()
-            for x, y in eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches)
-        ]
-        snap = geometry_snapshot(model, probe, cfg.eval.center)
-        return {"step": step, "valid_loss": sum(losses) / len(losses), **snap}
+        loss = heldout_loss(
+            lambda x, y: lm_loss(model(x.to(device)), y.to(device)).item(), cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches
+        )
+        return {"step": step, "valid_loss": loss["loss"], **geometry_snapshot(model, probe, cfg.eval.center)}
 
     torch.manual_seed(cfg.train.seed)
     points = [record(Transformer(cfg.model).to(device).eval(), 0)]
@@ -306,92 +295,11 @@ def run_summary(o: RunOutcome) -> dict:
     }
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    """Mean and sample std (0 for one value) of the finite values, and their count."""
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    if not vals:
-        return math.nan, math.nan, 0
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
-    return mean, std, len(vals)
-
-
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    pairs = [(a, b) for a, b in zip(x, y, strict=True) if math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 3:
-        return math.nan
-    xs, ys = torch.tensor(pairs, dtype=torch.float64).T
-    xs, ys = xs - xs.mean(), ys - ys.mean()
-    den = (xs.norm() * ys.norm()).item()
-    return (xs @ ys).item() / den if den > 0 else math.nan
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    pairs = [(a, b) for a, b in zip(x, y, strict=True) if math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 3:
-        return math.nan
-
-    def ranks(v):
-        t = torch.tensor(v, dtype=torch.float64)
-        order = t.argsort()
-        r = torch.empty_like(t)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        for value in t.unique():  # average ties
-            mask = t == value
-            r[mask] = r[mask].mean()
-        return r.tolist()
-
-    a, b = zip(*pairs, strict=True)
-    return pearson(ranks(list(a)), ranks(list(b)))
-
-
-def fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return "nan" if not math.isfinite(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]], digits: int = 3) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(fmt(v, digits) for v in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_results(exp: Experiment, results: dict, markdown: str) -> None:
-    """results.json (with the training config and grid) and results.md into exp.out."""
-    exp.out.mkdir(parents=True, exist_ok=True)
-    results = {
-        "experiment": exp.name,
-        "grid": exp.grid,
-        "centered": exp.base.eval.center,
-        "base_config": config_key(exp.base),
-        "pool": str(exp.pool),
-        **results,
-    }
-    _write_json(exp.out / "results.json", results)
-    tmp = exp.out / f".results.md.{os.getpid()}.tmp"  # several runners may report into one out dir
-    tmp.write_text(markdown)
-    tmp.replace(exp.out / "results.md")
-
-
-def sizes_line(exp: Experiment, seq_len: int | None = None) -> str:
-    c = exp.base
-    seq_len = seq_len or c.data.seq_len
-    tokens = c.train.max_steps * c.train.micro_batch_size * c.train.grad_accum_steps * seq_len
-    return (
-        f"d_model={c.model.d_model}, heads={c.model.n_heads}, seq_len={seq_len}, batch={c.train.micro_batch_size}, "
-        f"steps={c.train.max_steps} ({tokens} tokens/run), lr={c.train.lr}, erank {'centred' if c.eval.center else 'uncentred'}, "
-        f"data={c.data.train_prefix}"
-    )
-
-
-def _read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _write_json(path: Path, data: dict) -> None:
+def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True))

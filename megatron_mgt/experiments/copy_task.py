@@ -24,22 +24,14 @@ import torch
 
 from megatron_mgt import plots
 from megatron_mgt.checkpoint import find_checkpoint
-from megatron_mgt.config import Config
+from megatron_mgt.config import Config, derive
 from megatron_mgt.data.indexed import IndexedDatasetWriter, bin_path, idx_path
 from megatron_mgt.data.loader import eval_batches
+from megatron_mgt.engine.dist import resolve_device
 from megatron_mgt.evaluate import load_model
-from megatron_mgt.experiments.common import (
-    Experiment,
-    derive,
-    markdown_table,
-    mean_std,
-    run_grid,
-    run_summary,
-    sizes_line,
-    variants_for,
-    write_results,
-)
-from megatron_mgt.train import resolve_device
+from megatron_mgt.experiments.common import Experiment, run_grid, run_summary, variants_for
+from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
+from megatron_mgt.experiments.stats import mean_std
 
 PAD, SEP, END = 0, 1, 2  # symbols are 3 .. 3 + symbols - 1
 

@@ -10,17 +10,10 @@ and seed spread of the held-out loss and of the final-layer normalised effective
 from __future__ import annotations
 
 from megatron_mgt import plots
-from megatron_mgt.experiments.common import (
-    Experiment,
-    derive,
-    markdown_table,
-    mean_std,
-    run_grid,
-    run_summary,
-    sizes_line,
-    variants_for,
-    write_results,
-)
+from megatron_mgt.config import derive
+from megatron_mgt.experiments.common import Experiment, run_grid, run_summary, variants_for
+from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
+from megatron_mgt.experiments.stats import mean_std
 
 
 def run(exp: Experiment) -> dict:

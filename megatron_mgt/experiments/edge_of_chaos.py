@@ -16,49 +16,18 @@ from __future__ import annotations
 import itertools
 import math
 
-import torch
-
-from megatron_mgt import geometry, plots
-from megatron_mgt.config import Config
-from megatron_mgt.experiments.common import (
-    Experiment,
-    derive,
-    markdown_table,
-    mean_std,
-    pearson,
-    run_grid,
-    run_name,
-    run_summary,
-    sizes_line,
-    spearman,
-    write_results,
-)
+from megatron_mgt import plots
+from megatron_mgt.config import Config, derive
+from megatron_mgt.experiments.common import Experiment, run_grid, run_name, run_summary
+from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
+from megatron_mgt.experiments.stats import mean_std, pearson, spearman
+from megatron_mgt.signal_prop import signal_propagation
 
 
 def exponents_at_init(cfg: Config) -> dict:
-    """{'angle_exponent', 'gradient_exponent'} of the model at init (seed train.seed)."""
-    try:
-        from megatron_mgt.signal_prop import signal_propagation
-    except ImportError:
-        signal_propagation = None
-    if signal_propagation is not None:
-        out = signal_propagation(cfg.model, seed=cfg.train.seed)
-        return {"angle_exponent": out["angle_exponent"], "gradient_exponent": out["gradient_exponent"], "source": "signal_prop"}
-    from megatron_mgt.model import Transformer
-
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model).eval()
-    blocks = list(model.layers.values())
-    gen = torch.Generator().manual_seed(cfg.train.seed)
-    x = geometry.collapsed_tokens(4, 32, cfg.model.d_model, 0.99, gen)
-
-    def stack(h):
-        for block in blocks:
-            h = block(h)
-        return h
-
-    angle = sum(geometry.angle_exponent(block, x) for block in blocks) / len(blocks)
-    return {"angle_exponent": angle, "gradient_exponent": geometry.gradient_exponent(stack, x, len(blocks), gen), "source": "geometry"}
+    """{'angle_exponent', 'gradient_exponent'} of the model at init (seed train.seed), by signal_prop."""
+    out = signal_propagation(cfg.model, seed=cfg.train.seed)
+    return {"angle_exponent": out["angle_exponent"], "gradient_exponent": out["gradient_exponent"], "source": "signal_prop"}
 
 
 def _tag(point: dict) -> str:

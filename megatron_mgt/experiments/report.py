@@ -1,0 +1,54 @@
+"""Results of a protocol runner: results.json + results.md in the experiment's out dir,
+markdown tables, the one-line description of the run sizes."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Sequence
+
+from megatron_mgt.experiments.common import Experiment, config_key, write_json
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if not math.isfinite(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]], digits: int = 3) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(fmt(v, digits) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(exp: Experiment, results: dict, markdown: str) -> None:
+    """results.json (with the training config and grid) and results.md into exp.out."""
+    exp.out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "experiment": exp.name,
+        "grid": exp.grid,
+        "centered": exp.base.eval.center,
+        "base_config": config_key(exp.base),
+        "pool": str(exp.pool),
+        **results,
+    }
+    write_json(exp.out / "results.json", results)
+    tmp = exp.out / f".results.md.{os.getpid()}.tmp"  # several runners may report into one out dir
+    tmp.write_text(markdown)
+    tmp.replace(exp.out / "results.md")
+
+
+def sizes_line(exp: Experiment, seq_len: int | None = None) -> str:
+    c = exp.base
+    seq_len = seq_len or c.data.seq_len
+    tokens = c.train.max_steps * c.train.micro_batch_size * c.train.grad_accum_steps * seq_len
+    return (
+        f"d_model={c.model.d_model}, heads={c.model.n_heads}, seq_len={seq_len}, batch={c.train.micro_batch_size}, "
+        f"steps={c.train.max_steps} ({tokens} tokens/run), lr={c.train.lr}, erank {'centred' if c.eval.center else 'uncentred'}, "
+        f"data={c.data.train_prefix}"
+    )
+
+
