@@ -24,28 +24,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from data_prep.inspect_shards import token_counts, unigram_cross_entropy, unigram_entropy
 from data_prep.wikitext import read_split_words
 from megatron_mgt import plots, telemetry
-from megatron_mgt.checkpoint import find_checkpoint
+from megatron_mgt.baselines import ngram_baselines
+from megatron_mgt.checkpoint import LOAD_ERRORS, CheckpointError, find_checkpoint, verify_checkpoint
 from megatron_mgt.config import Config, ConfigError, load_config
-from megatron_mgt.data.indexed import IndexedDataset
-from megatron_mgt.data.loader import eval_batches, scoring_windows
+from megatron_mgt.data.loader import eval_batches, scoring_windows, spread_windows
 from megatron_mgt.engine import read_weights
 from megatron_mgt.engine.dist import resolve_device
-from megatron_mgt.geometry import geometry_snapshot
+from megatron_mgt.geometry import gaussian_reference, geometry_snapshot, rank_profile
 from megatron_mgt.metrics import read_metrics
-from megatron_mgt.model import Transformer, lm_loss
+from megatron_mgt.model import Transformer, capture_geometry, lm_loss
 from megatron_mgt.train import heldout_loss
-
-
-def unigram_baselines(train_prefix: str, valid_prefix: str) -> dict:
-    """The loss of the best context-free predictor, a bar every language model must clear:
-    the entropy of the training unigram distribution, and the held-out tokens' cross-entropy
-    under the (add-one smoothed) training unigram model, both in nats/token."""
-    train = token_counts(IndexedDataset(train_prefix).tokens)
-    valid = token_counts(IndexedDataset(valid_prefix).tokens)
-    return {"train_entropy": unigram_entropy(train), "valid_cross_entropy": unigram_cross_entropy(train, valid)}
 
 
 def load_model(cfg: Config, checkpoint: Path, device: torch.device) -> Transformer:
@@ -84,6 +74,35 @@ def split_perplexity(model: Transformer, prefix: str, cfg: Config, device: torch
     return out
 
 
+@torch.no_grad()
+def rank_profiles(cfg: Config, model: Transformer, at_init: Transformer, device: torch.device) -> dict:
+    """geometry.rank_profile of the trained and the initial model on `eval.rank_windows`
+    windows spread over the valid split (means and CIs over windows), and the same metrics
+    on Gaussian matrices of the probe's shape, the no-structure reference."""
+    probe, _ = spread_windows(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.rank_windows)
+    probe = probe.to(device)
+    stream_width = capture_geometry(at_init, probe[:1])["hidden"][0].shape[-1]
+    return {
+        "rank_profile": rank_profile(capture_geometry(model, probe)["hidden"], cfg.eval.center),
+        "rank_profile_init": rank_profile(capture_geometry(at_init, probe)["hidden"], cfg.eval.center),
+        "gaussian_reference": gaussian_reference(probe.shape[1], stream_width, cfg.eval.center),
+    }
+
+
+@torch.no_grad()
+def distance_from_init(model: Transformer, at_init: Transformer) -> dict:
+    """|theta - theta_0| / |theta_0| of each block's parameters and of the whole model
+    (how far training moved the weights; a layer that barely moved learnt little)."""
+
+    def rel(pairs) -> float:
+        num = sum(float((p.double() - q.double()).pow(2).sum()) for p, q in pairs)
+        den = sum(float(q.double().pow(2).sum()) for _, q in pairs)
+        return (num / den) ** 0.5 if den > 0 else float("nan")
+
+    blocks = [rel(list(zip(a.parameters(), b.parameters(), strict=True))) for a, b in zip(model.layers.values(), at_init.layers.values(), strict=True)]
+    return {"per_block": blocks, "model": rel(list(zip(model.parameters(), at_init.parameters(), strict=True)))}
+
+
 def eval_splits(cfg: Config) -> dict[str, str]:
     """The held-out shards a full-split evaluation scores: valid, and test when configured."""
     return {name: prefix for name, prefix in (("valid", cfg.data.valid_prefix), ("test", cfg.data.test_prefix)) if prefix}
@@ -91,10 +110,16 @@ def eval_splits(cfg: Config) -> dict[str, str]:
 
 def evaluate(cfg: Config, run_dir: Path, checkpoint: Path | None = None) -> dict:
     device = resolve_device(cfg.train.device)
-    checkpoint = checkpoint or find_checkpoint(run_dir / "checkpoints", "auto")
+    checkpoint = checkpoint or find_checkpoint(run_dir / "checkpoints", "auto")  # the newest that verifies
     if checkpoint is None:
         raise FileNotFoundError(f"{run_dir}/checkpoints: no complete checkpoint to evaluate")
-    model = load_model(cfg, checkpoint, device)
+    problem = verify_checkpoint(checkpoint)
+    if problem:
+        raise CheckpointError(f"checkpoint {checkpoint} is damaged: {problem}")
+    try:
+        model = load_model(cfg, checkpoint, device)
+    except LOAD_ERRORS as err:
+        raise CheckpointError(f"checkpoint {checkpoint}: cannot load its weights into this config's model: {type(err).__name__}: {err}") from err
     probe, _ = next(iter(eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.geometry_batch, 1)))
     probe = probe.to(device)
     torch.manual_seed(cfg.train.seed)
@@ -104,7 +129,7 @@ def evaluate(cfg: Config, run_dir: Path, checkpoint: Path | None = None) -> dict
         "residual": cfg.model.residual,
         "n_layers": cfg.model.n_layers,
         "valid": perplexity(model, cfg, device),
-        "unigram": unigram_baselines(cfg.data.train_prefix, cfg.data.valid_prefix),
+        "baselines": ngram_baselines(cfg.data.train_prefix, cfg.data.valid_prefix, cfg.model.vocab_size),
         "geometry": geometry_snapshot(model, probe, cfg.eval.center),
         **(
             {"splits": {name: split_perplexity(model, prefix, cfg, device) for name, prefix in eval_splits(cfg).items()}}
@@ -112,7 +137,10 @@ def evaluate(cfg: Config, run_dir: Path, checkpoint: Path | None = None) -> dict
             else {}
         ),
         "geometry_at_init": geometry_snapshot(at_init, probe, cfg.eval.center),
+        "distance_from_init": distance_from_init(model, at_init),
     }
+    if cfg.eval.rank_windows:
+        result.update(rank_profiles(cfg, model, at_init, device))
     out = run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".eval.json.tmp"
@@ -149,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.run_dir / "config.yaml", args.overrides)
         result = evaluate(cfg, args.run_dir, args.checkpoint)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, OSError, ValueError) as err:  # CheckpointError and MetricsError are ValueErrors
         print(f"mgt-eval: error: {err}", file=sys.stderr)
         return 2
-    valid, h = result["valid"], result["unigram"]["train_entropy"]
+    valid, h = result["valid"], result["baselines"]["unigram_entropy"]
     erank = result["geometry"]["erank"]
     print(f"valid loss {valid['loss']:.4f} nats/token (ppl {valid['ppl']:.2f}) over {valid['tokens']} tokens")
     print(f"unigram entropy of the training tokens {h:.4f} nats/token: the model is {h - valid['loss']:.4f} nats below it")
@@ -161,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         if "word_ppl" in split:
             line += f"; ppl {split['word_ppl']:.2f} per word over {split['words']} words"
         print(line)
-    print(f"held-out tokens under the training unigram model: {result['unigram']['valid_cross_entropy']:.4f} nats/token")
+    base = result["baselines"]
+    print(f"held-out tokens under the training unigram / Kneser-Ney bigram: {base['unigram']:.4f} / {base['bigram_kn']:.4f} nats/token")
     print(
         f"effective rank ({'centred' if result['geometry']['centered'] else 'uncentred'}): embedding {erank[0]:.3f}, last layer {erank[-1]:.3f}"
     )

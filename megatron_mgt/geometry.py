@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from megatron_mgt.model.transformer import Transformer, capture_geometry
+from megatron_mgt.stats import t_interval
 
 _F64 = torch.float64
 _QUANTILES = {"q05": 0.05, "q25": 0.25, "q50": 0.50, "q75": 0.75, "q95": 0.95}
@@ -105,7 +106,7 @@ def beta_stats(beta: Tensor, max_exact: int = 1 << 20) -> dict[str, float]:
         "min": flat.min().item(),
         "max": flat.max().item(),
     }
-    stats.update({name: q.item() for name, q in zip(_QUANTILES, qs)})
+    stats.update({name: q.item() for name, q in zip(_QUANTILES, qs, strict=True)})
     stats["frac_negative"] = (flat < 0).to(_F64).mean().item()
     return stats
 
@@ -334,8 +335,6 @@ def rank_profile(
     "ci_high": [L]}}, "collapsed": [L], "windows": [L], "centered", "rel_tol",
     "collapse_cosine", "collapse_residual", "level"}; CIs are NaN for a single window.
     """
-    from megatron_mgt.experiments.stats import t_interval
-
     if not hidden:
         raise ValueError("rank_profile needs at least one layer, got an empty list")
     metrics: dict[str, dict[str, list[float]]] = {}

@@ -190,3 +190,32 @@ def plot_scatter(
     if groups:
         ax.legend()
     _save_atomic(fig, path)
+
+
+def plot_lr_sweep(curves: Mapping[str, Mapping[float, float]], chosen: Mapping[str, float], path: str | os.PathLike, title: str) -> None:
+    """Final loss against lr (log2 axis), one line per variant over its finite points; the chosen lr
+    ringed in the variant's colour; diverged (NaN/inf) points drawn as x above every finite point,
+    one row per variant so coinciding lrs stay visible."""
+    finite = [loss for losses in curves.values() for loss in losses.values() if np.isfinite(loss)]
+    low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    span = (high - low) or 1.0
+    fig = _new_figure()
+    ax = fig.add_subplot()
+    for i, (name, losses) in enumerate(curves.items()):
+        color = f"C{i % 10}"
+        ok = sorted((lr, loss) for lr, loss in losses.items() if np.isfinite(loss))
+        bad = sorted(lr for lr, loss in losses.items() if not np.isfinite(loss))
+        if ok:
+            ax.plot(*zip(*ok, strict=True), label=name, color=color, marker="o", markersize=4, linewidth=1.2)
+        if bad:
+            top = high + (0.06 + 0.04 * i) * span
+            ax.scatter(bad, [top] * len(bad), marker="x", s=50, color=color, label=None if ok else f"{name} (all diverged)", zorder=3)
+        lr = chosen.get(name)
+        if lr is not None and lr in losses and np.isfinite(losses[lr]):
+            ax.scatter([lr], [losses[lr]], s=140, facecolors="none", edgecolors=color, linewidths=1.8, zorder=4)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="learning rate", ylabel="final valid loss", title=f"{title} (x: diverged, ring: chosen)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    _save_atomic(fig, path)

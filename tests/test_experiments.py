@@ -8,10 +8,9 @@ import math
 import pytest
 import yaml
 
-from megatron_mgt.experiments.ablation import synergy
 from megatron_mgt.experiments.cli import main as experiment_main
 from megatron_mgt.experiments.cli import run_experiment
-from megatron_mgt.experiments.stats import pearson, spearman
+from megatron_mgt.stats import pearson, spearman
 
 MICRO = {
     "model": {"vocab_size": 256, "d_model": 32, "n_heads": 2, "max_seq_len": 32},
@@ -22,17 +21,22 @@ MICRO = {
 }
 
 
+MICRO_DATA: list[str] = []  # (train, valid) prefixes, set by the fixture
+
+
 @pytest.fixture(scope="module")
 def micro(tmp_path_factory, zipf_shards):
     """(write_preset(name, grid) -> path, pool dir, root) sharing one run pool."""
     root = tmp_path_factory.mktemp("experiments")
+    MICRO_DATA[:] = zipf_shards
     base = dict(MICRO, data={**MICRO["data"], "train_prefix": zipf_shards[0], "valid_prefix": zipf_shards[1]})
     (root / "base.yaml").write_text(yaml.safe_dump(base))
     pool = root / "pool"
 
-    def write_preset(name: str, grid: dict, overrides: dict | None = None):
+    def write_preset(name: str, grid: dict, overrides: dict | None = None, **extra):
         path = root / f"{name}.yaml"
-        path.write_text(yaml.safe_dump({"experiment": name, "base": "base.yaml", "out": str(root / "out" / name), "pool": str(pool), "grid": grid, "overrides": overrides or {}}))
+        spec = {"experiment": name, "base": "base.yaml", "out": str(root / "out" / name), "pool": str(pool), "grid": grid, "overrides": overrides or {}, **extra}
+        path.write_text(yaml.safe_dump(spec))
         return path
 
     return write_preset, pool, root
@@ -47,14 +51,6 @@ def _check_outputs(out, keys):
     return results
 
 
-def test_synergy_formula():
-    assert synergy(3.0, 2.0, 2.5, 2.8) == pytest.approx(1.0 / 0.7)
-    assert synergy(3.0, 2.3, 2.5, 2.8) == pytest.approx(1.0)  # additive gains
-    assert synergy(3.0, 2.9, 2.5, 2.8) < 1  # subadditive
-    assert math.isnan(synergy(3.0, 2.0, 3.0, 3.0))  # no single-mechanism gain
-    assert math.isnan(synergy(3.0, float("nan"), 2.5, 2.8))  # a diverged run
-
-
 def test_correlations():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -62,20 +58,55 @@ def test_correlations():
     assert math.isnan(pearson([1, 2], [1, 2]))
 
 
-def test_depth_scaling_and_resume(micro):
+TUNING = {"center": 3.0e-3, "points": 4, "factor": 2, "max_points": 4}  # four sweep points, no extension
+
+
+def test_depth_scaling_tuned_arms_paired_stats_and_resume(micro):
     write_preset, pool, root = micro
-    preset = write_preset("depth_scaling", {"variants": ["preln", "mgt"], "depths": [1, 2], "seeds": [1]})
+    grid = {"variants": ["preln", "mgt", "embed_only"], "depths": [1, 2], "seeds": [1, 2], "tuning": TUNING}
+    preset = write_preset("depth_scaling", grid, decision={"rule": "ci_excludes_zero", "level": 0.9})
     results = run_experiment("depth_scaling", preset)
     out = root / "out" / "depth_scaling"
-    _check_outputs(out, ("table", "runs"))
-    assert {(r["variant"], r["depth"]) for r in results["table"]} == {("preln", 1), ("preln", 2), ("mgt", 1), ("mgt", 2)}
-    for r in results["runs"]:
-        assert math.isfinite(r["valid_loss"]) and 0 < r["erank_final_layer"] <= 1 and len(r["erank"]) == r["n_layers"] + 1
+    _check_outputs(out, ("table", "runs", "lr_sweeps", "baselines", "decision_rule"))
+    assert {(r["arm"], r["depth"]) for r in results["table"]} == {(a, d) for a in ("preln", "mgt", "embed_only") for d in (1, 2)}
+    for depth in ("1", "2"):
+        for arm, sweep in results["lr_sweeps"][depth].items():
+            lrs = [lr for lr, _ in sweep["results"]]
+            assert lrs == pytest.approx([7.5e-4, 1.5e-3, 3e-3, 6e-3]) and sweep["lr"] in lrs, arm
+            best = min(loss for _, loss in sweep["results"])
+            assert dict(map(tuple, sweep["results"]))[sweep["lr"]] == best  # the chosen lr is the sweep's best
+    for row in results["table"]:
+        assert row["seeds"] == 2 and math.isfinite(row["valid_loss"])
+        if row["arm"] != "preln":
+            diff = row["diff_vs_baseline"]
+            assert diff["n"] == 2 and diff["level"] == 0.9 and row["decision"] in ("win", "loss", "undetermined")
+            assert diff["mean"] == pytest.approx(sum(diff["diffs"].values()) / 2)
+    runs = {(r["arm"], r["depth"], r["seed"]): r for r in results["runs"]}
+    assert runs[("embed_only", 1, 1)]["n_layers"] == 0 and runs[("embed_only", 1, 1)]["run"] == runs[("embed_only", 2, 1)]["run"]  # one run serves every depth
+    from megatron_mgt.baselines import ngram_baselines
+
+    train_prefix, valid_prefix = MICRO_DATA
+    assert results["baselines"] == pytest.approx(ngram_baselines(train_prefix, valid_prefix, MICRO["model"]["vocab_size"]))
+    assert results["decision_rule"]["rule"] == "ci_excludes_zero" and results["decision_rule"]["level"] == 0.9
     metrics = {p: p.stat().st_mtime_ns for p in pool.glob("*/metrics.jsonl")}
-    assert len(metrics) == 4
-    # Second invocation: every run is finished, nothing retrains.
-    run_experiment("depth_scaling", preset)
+    # Second invocation: every run (sweep points included) is finished, nothing retrains.
+    again = run_experiment("depth_scaling", preset)
     assert {p: p.stat().st_mtime_ns for p in pool.glob("*/metrics.jsonl")} == metrics
+    assert [r["valid_loss"] for r in again["table"]] == [r["valid_loss"] for r in results["table"]]
+
+
+def test_archive_lets_a_new_machine_skip_finished_runs(micro, tmp_path):
+    """Finished runs copied to the archive count as done when the pool is gone (runs/ does not survive a machine)."""
+    write_preset, pool, root = micro
+    grid = {"variants": ["preln"], "depths": [1], "seeds": [1], "tuning": TUNING}
+    first_pool, second_pool = tmp_path / "pool_a", tmp_path / "pool_b"
+    archive = tmp_path / "archive"
+    preset = write_preset("depth_scaling", grid, archive=str(archive))
+    results = run_experiment("depth_scaling", preset, pool=first_pool)
+    assert len(list(archive.glob("*/eval/eval.json"))) == 4 and not list(archive.glob("*/checkpoints"))
+    again = run_experiment("depth_scaling", preset, pool=second_pool)
+    assert not second_pool.exists() or not list(second_pool.glob("*/metrics.jsonl"))  # nothing trained
+    assert again["table"][0]["valid_loss"] == results["table"][0]["valid_loss"]
 
 
 def test_interrupted_run_resumes(micro):
@@ -96,13 +127,17 @@ def test_interrupted_run_resumes(micro):
     assert (run_dir / "eval" / "eval.json").is_file()
 
 
-def test_ablation(micro):
+def test_ablation_interaction(micro):
     write_preset, _, root = micro
-    preset = write_preset("ablation", {"variants": ["preln", "mhc", "ddl", "mgt"], "depth": 1, "seeds": [1]})
+    preset = write_preset("ablation", {"variants": ["preln", "mhc", "ddl", "mgt"], "depth": 1, "seeds": [1, 2], "tuning": TUNING})
     results = run_experiment("ablation", preset)
-    _check_outputs(root / "out" / "ablation", ("table", "synergy", "runs"))
-    assert list(results["synergy"]["per_seed"]) == [1]
-    assert {"mean_over_seeds", "std_over_seeds", "from_mean_losses"} <= set(results["synergy"])
+    _check_outputs(root / "out" / "ablation", ("table", "interaction", "runs", "lr_sweeps"))
+    loss = {r["arm"]: r["per_seed"] for r in results["table"]}
+    inter = results["interaction"]
+    for seed in (1, 2):
+        by_hand = loss["mgt"][seed] - loss["mhc"][seed] - loss["ddl"][seed] + loss["preln"][seed]
+        assert inter["terms"][seed] == pytest.approx(by_hand)
+    assert inter["n"] == 2 and inter["decision"] in ("win", "loss", "undetermined")
 
 
 def test_rank_evolution_and_beta(micro):
@@ -145,6 +180,7 @@ def test_shipped_presets_load():
     from megatron_mgt.experiments.common import load_experiment
 
     presets = sorted(Path("configs/experiments").glob("*_[cg]pu.yaml"))
+    presets = [p for p in presets if not p.name.startswith("campaign_")]  # campaigns: test_campaign_runs_its_steps_in_order
     names = [p.name for p in presets if not p.name.startswith("base_")]
     assert {f"{e}_{size}.yaml" for e in EXPERIMENTS for size in ("cpu", "gpu")} <= set(names)
     for path in presets:
@@ -152,3 +188,22 @@ def test_shipped_presets_load():
             continue
         exp = load_experiment(path.name.rsplit("_", 1)[0], path)
         assert exp.grid and exp.pool and exp.out
+
+
+def test_campaign_runs_its_steps_in_order(micro, capsys):
+    from megatron_mgt.config import ConfigError
+    from megatron_mgt.experiments.cli import run_campaign
+
+    write_preset, _, root = micro
+    write_preset("depth_scaling", {"variants": ["preln"], "depths": [1], "seeds": [1], "tuning": TUNING})
+    write_preset("ablation", {"variants": ["preln", "mhc", "ddl", "mgt"], "depth": 1, "seeds": [1], "tuning": TUNING})
+    campaign = root / "campaign.yaml"
+    steps = [{"experiment": "depth_scaling", "preset": "depth_scaling.yaml"}, {"experiment": "ablation", "preset": "ablation.yaml", "overrides": ["grid.seeds=[1]"]}]
+    campaign.write_text(yaml.safe_dump({"campaign": steps}))
+    results = run_campaign(str(campaign))
+    assert "lr_sweeps" in results[0] and "interaction" in results[1]
+    printed = capsys.readouterr().out
+    assert printed.index("step 1/2: depth_scaling") < printed.index("step 2/2: ablation")
+    campaign.write_text(yaml.safe_dump({"campaign": [{"experiment": "ablation"}]}))
+    with pytest.raises(ConfigError, match="campaign step 0"):
+        run_campaign(str(campaign))

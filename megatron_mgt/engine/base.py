@@ -38,6 +38,7 @@ from megatron_mgt.config import ConfigError, ModelConfig
 from megatron_mgt.engine import dist
 from megatron_mgt.geometry import geometry_snapshot
 
+TRAINER_STATE = "trainer.pt"  # the trainer's part of every checkpoint (megatron_mgt.checkpoint writes it)
 Batch = tuple[torch.Tensor, torch.Tensor]
 Gate = Callable[[float, float], bool]  # (loss, grad_norm) -> apply this step?
 
@@ -52,6 +53,13 @@ class StepResult:
     grad_norm: float
     applied: bool
     update_norm: float | None = None
+
+
+def checkpoint_step(directory: Path) -> int:
+    """The step recorded in a checkpoint's trainer.pt (0 when there is none): where a
+    weights-only load sets the schedule."""
+    path = directory / TRAINER_STATE
+    return int(torch.load(path, weights_only=False)["step"]) if path.is_file() else 0
 
 
 class EngineBase:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_mgt.checkpoint import checkpoint_step
 from megatron_mgt.config import Config, ConfigError
+from megatron_mgt.engine.base import checkpoint_step
 from megatron_mgt.engine.dist import all_sum
 from megatron_mgt.engine.optim import adamw_update_sq_norm, inner_adamw, scheduled_lrs, set_schedule_step
 

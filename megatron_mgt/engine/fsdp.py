@@ -22,9 +22,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from megatron_mgt.checkpoint import checkpoint_step
 from megatron_mgt.config import Config, ModelConfig
-from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult
+from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult, checkpoint_step
 from megatron_mgt.engine.dist import all_mean, all_sum, dp_slice, init_distributed, shutdown, use_bf16, weighted_mean
 from megatron_mgt.engine.optim import build_optimizer, finish_step, set_schedule_step
 from megatron_mgt.model import Transformer, lm_loss

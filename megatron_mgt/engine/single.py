@@ -10,9 +10,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_mgt.checkpoint import checkpoint_step
 from megatron_mgt.config import Config, ModelConfig
-from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult
+from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult, checkpoint_step
 from megatron_mgt.engine.dist import autocast
 from megatron_mgt.engine.optim import build_optimizer, finish_step, set_schedule_step
 from megatron_mgt.model import Transformer, lm_loss

@@ -21,7 +21,7 @@ from megatron_mgt import plots
 from megatron_mgt.config import derive
 from megatron_mgt.experiments.common import Experiment, run_grid, run_summary, variants_for
 from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
-from megatron_mgt.experiments.stats import mean_std, spearman
+from megatron_mgt.stats import mean_std, spearman
 
 
 def layer_beta(sublayers: dict, n_layers: int, key: str) -> list[float]:

@@ -1,5 +1,5 @@
 """What every protocol runner shares: experiment presets, the run pool, one run end to end
-(statistics: experiments/stats.py; tables and results files: experiments/report.py).
+(statistics: megatron_mgt/stats.py; tables and results files: experiments/report.py).
 
 An experiment preset (configs/experiments/*.yaml) is a small YAML mapping:
 
@@ -36,9 +36,11 @@ from tqdm import tqdm
 
 from megatron_mgt.checkpoint import complete_checkpoints, find_checkpoint
 from megatron_mgt.config import Config, ConfigError, derive, merge, override_text, parse_override, read_yaml, to_dict, validate
+from megatron_mgt.data.indexed import IndexedDataset
 from megatron_mgt.data.loader import eval_batches
 from megatron_mgt.engine.dist import resolve_device
 from megatron_mgt.evaluate import evaluate, load_model
+from megatron_mgt.flops import flops_per_token, matmul_params
 from megatron_mgt.geometry import geometry_snapshot
 from megatron_mgt.metrics import read_metrics
 from megatron_mgt.model import Transformer, lm_loss
@@ -68,6 +70,8 @@ class Experiment:
     out: Path
     pool: Path
     grid: dict = field(default_factory=dict)
+    decision: dict = field(default_factory=dict)  # the decision rule, fixed in the preset before any run
+    archive: Path | None = None  # finished runs' records in the repo (archive_run)
 
 
 def load_experiment(
@@ -79,9 +83,10 @@ def load_experiment(
     if not path.is_file():
         raise ConfigError(f"experiment preset not found: {path}")
     spec = yaml.safe_load(path.read_text()) or {}
-    unknown = set(spec) - {"experiment", "base", "out", "pool", "overrides", "grid"}
+    allowed = ("experiment", "base", "out", "pool", "archive", "overrides", "grid", "decision")
+    unknown = set(spec) - set(allowed)
     if unknown:
-        raise ConfigError(f"{path}: unknown experiment keys {sorted(unknown)} (allowed: experiment, base, out, pool, overrides, grid)")
+        raise ConfigError(f"{path}: unknown experiment keys {sorted(unknown)} (allowed: {', '.join(allowed)})")
     if spec.get("experiment", name) != name:
         raise ConfigError(f"{path} is a preset for experiment '{spec['experiment']}', not '{name}'")
     cfg = Config()
@@ -101,6 +106,8 @@ def load_experiment(
         out=Path(out or spec.get("out") or f"runs/experiments/{name}"),
         pool=Path(pool or spec.get("pool") or "runs/pool"),
         grid=grid,
+        decision=dict(spec.get("decision") or {}),
+        archive=Path(spec["archive"]) if spec.get("archive") else None,
     )
 
 
@@ -152,10 +159,45 @@ class RunOutcome:
     trained_now: bool
     eval: dict | None  # eval/eval.json (None if diverged before any checkpoint)
     info: dict  # run_info.json: wall seconds, tokens, divergence message
+    tag: str = ""  # the arm of a special run (experiments/arms.py), else ""
 
     @property
     def valid_loss(self) -> float:
-        return self.eval["valid"]["loss"] if (self.eval and self.status == "finished") else math.nan
+        """Held-out loss: every token of the valid split when mgt-eval scored it
+        (eval.full_split), else its first eval.batches batches; nan unless finished."""
+        if not (self.eval and self.status == "finished"):
+            return math.nan
+        full = (self.eval.get("splits") or {}).get("valid")
+        return full["loss"] if full else self.eval["valid"]["loss"]
+
+
+ARCHIVE: Path | None = None  # set from the preset's `archive:` (cli): finished runs' records, committed with the results
+ARCHIVED = ("config.yaml", "run_info.json", "diverged.json", "eval/eval.json", "metrics.jsonl")
+
+
+def archive_run(run_dir: Path, archive: Path) -> None:
+    """Copy a finished run's small records (no checkpoints, no geometry telemetry lines) to
+    archive/NAME, so a later session on a new machine (where runs/ is gone) counts the run as
+    done instead of training it again."""
+    dest = archive / run_dir.name
+    for rel in ARCHIVED:
+        src = run_dir / rel
+        if not src.is_file():
+            continue
+        text = src.read_text()
+        if rel == "metrics.jsonl":
+            text = "".join(line for line in text.splitlines(keepends=True) if '"kind": "geometry"' not in line)
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest / f"{rel}.{os.getpid()}.tmp"
+        tmp.write_text(text)
+        tmp.replace(dest / rel)
+
+
+def _archived(name: str) -> Path | None:
+    if ARCHIVE is None:
+        return None
+    d = ARCHIVE / name
+    return d if (d / "eval" / "eval.json").is_file() or (d / "diverged.json").is_file() else None
 
 
 def _is_finished(run_dir: Path, cfg: Config) -> bool:
@@ -175,8 +217,11 @@ def ensure_run(
     name = run_name(cfg, tag)
     run_dir = pool / name
     cfg = derive(cfg, {"train.run_dir": str(run_dir), "train.resume": "auto", "log.progress": progress})
+    archived = _archived(name)
+    if archived is not None and not _is_finished(run_dir, cfg) and not evolution:
+        return _outcome(name, archived, cfg, trained_now=False, tag=tag)
     if report_only and not _is_finished(run_dir, cfg):
-        return RunOutcome(name=name, run_dir=run_dir, cfg=cfg, status="missing", trained_now=False, eval=None, info={})
+        return RunOutcome(name=name, run_dir=run_dir, cfg=cfg, status="missing", trained_now=False, eval=None, info={}, tag=tag)
     run_dir.mkdir(parents=True, exist_ok=True)
     trained_now = False
     with open(pool / f".{name}.lock", "w") as lock:
@@ -201,8 +246,14 @@ def ensure_run(
                 info["tokens"] = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len
                 write_json(run_dir / "run_info.json", info)
                 evaluate(cfg, run_dir)
+            if ARCHIVE is not None:
+                archive_run(run_dir, ARCHIVE)
         if evolution and not (run_dir / "eval" / "evolution.json").is_file():
             write_json(run_dir / "eval" / "evolution.json", checkpoint_evolution(cfg, run_dir))
+    return _outcome(name, run_dir, cfg, trained_now, tag)
+
+
+def _outcome(name: str, run_dir: Path, cfg: Config, trained_now: bool, tag: str) -> RunOutcome:
     diverged = (run_dir / "diverged.json").is_file()
     return RunOutcome(
         name=name,
@@ -212,6 +263,7 @@ def ensure_run(
         trained_now=trained_now,
         eval=read_json(run_dir / "eval" / "eval.json"),
         info=read_json(run_dir / "run_info.json") or {},
+        tag=tag,
     )
 
 
@@ -270,12 +322,50 @@ def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evoluti
     return kept
 
 
+def valid_curve(o: RunOutcome, flops_per_token_: float) -> list[dict]:
+    """The run's held-out losses during training, each with the training tokens, FLOPs and
+    train seconds (from the train record of that step, when one was logged) spent by then."""
+    path = o.run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    seconds = {r["step"]: r.get("train_seconds") for r in read_metrics(path, "train")}
+    per_step = o.cfg.train.micro_batch_size * o.cfg.train.grad_accum_steps * o.cfg.data.seq_len
+    return [
+        {"step": r["step"], "loss": r["loss"], "tokens": r["step"] * per_step, "flops": r["step"] * per_step * flops_per_token_, "seconds": seconds.get(r["step"])}
+        for r in read_metrics(path, "valid")
+    ]
+
+
+def last_layer_ranks(profile: dict | None) -> dict:
+    """The collapse-robust rank metrics of the last layer of a rank profile (evaluate.rank_profiles)."""
+    if not profile:
+        return {}
+    out = {f"{name}_last": values["mean"][-1] for name, values in profile["metrics"].items()}
+    out["collapsed_last"] = profile["collapsed"][-1]
+    return out
+
+
 def run_summary(o: RunOutcome) -> dict:
     """The per-run numbers every results.json carries."""
     geo = (o.eval or {}).get("geometry") or {}
     init = (o.eval or {}).get("geometry_at_init") or {}
     curve = train_curve(o.run_dir)
+    tokens = o.info.get("tokens")
+    train_tokens = IndexedDataset(o.cfg.data.train_prefix).num_tokens if o.cfg.data.train_prefix else 0
+    with torch.device("meta"):
+        per_token = flops_per_token(o.cfg.model, matmul_params(Transformer(o.cfg.model)), o.cfg.data.seq_len)
     return {
+        "lr": o.cfg.train.lr,
+        "d_ff": o.cfg.model.ffn_dim,
+        "valid_scope": "every token" if ((o.eval or {}).get("splits") or {}).get("valid") else f"first {o.cfg.eval.batches} batches",
+        "epochs": tokens / train_tokens if tokens and train_tokens else None,
+        "flops": per_token * tokens if tokens else None,
+        "valid_curve": valid_curve(o, per_token),
+        **last_layer_ranks((o.eval or {}).get("rank_profile")),
+        "rank_by_layer": {k: v["mean"] for k, v in (((o.eval or {}).get("rank_profile") or {}).get("metrics") or {}).items()},
+        "rank_by_layer_init": {k: v["mean"] for k, v in (((o.eval or {}).get("rank_profile_init") or {}).get("metrics") or {}).items()},
+        "gaussian_reference": (o.eval or {}).get("gaussian_reference"),
+        "distance_from_init": ((o.eval or {}).get("distance_from_init") or {}).get("model"),
         "run": o.name,
         "residual": o.cfg.model.residual,
         "n_layers": o.cfg.model.n_layers,

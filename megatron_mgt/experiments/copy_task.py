@@ -31,7 +31,7 @@ from megatron_mgt.engine.dist import resolve_device
 from megatron_mgt.evaluate import load_model
 from megatron_mgt.experiments.common import Experiment, run_grid, run_summary, variants_for
 from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
-from megatron_mgt.experiments.stats import mean_std
+from megatron_mgt.stats import mean_std
 
 PAD, SEP, END = 0, 1, 2  # symbols are 3 .. 3 + symbols - 1
 

@@ -1,49 +1,87 @@
-"""Protocol item 4: loss and final effective rank against depth, for every variant.
+"""Protocol item 4: held-out loss and last-layer rank against depth, every arm at its own
+tuned learning rate, seed-paired against pre-LN.
 
     mgt-experiment depth_scaling --preset configs/experiments/depth_scaling_cpu.yaml
 
-grid: variants, depths, seeds. Runs go depth-major (all variants at 12 layers, then 24,
-...), so an interrupted campaign has complete depths. Results per (variant, depth): mean
-and seed spread of the held-out loss and of the final-layer normalised effective rank.
+grid: variants (arms: residual rules, `comparators`, `preln_matched`, `embed_only`),
+depths, seeds, tuning (experiments/arms.py), baseline (default preln). The preset's
+`decision` (written before anything runs) is applied to every paired difference.
+
+Per depth, in order: the lr sweep of every arm at the first seed (a point at an edge is
+extended), then the other seeds at each arm's chosen lr. Results per (arm, depth): the
+held-out loss on every valid token (mean, seed t CI), its seed-paired difference against
+the baseline arm with a t CI and the decision, the last layer's collapse-robust ranks, and
+a "no context learned" label when it does not beat the Kneser-Ney bigram.
 """
 
 from __future__ import annotations
 
 from megatron_mgt import plots
-from megatron_mgt.config import derive
-from megatron_mgt.experiments.common import Experiment, run_grid, run_summary, variants_for
+from megatron_mgt.experiments.arms import arms_for, baselines_for, compare_arms, tuned_runs, tuning_settings
+from megatron_mgt.experiments.common import Experiment
 from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
-from megatron_mgt.experiments.stats import mean_std
+from megatron_mgt.stats import decide
 
 
 def run(exp: Experiment) -> dict:
     g = exp.grid
-    variants = variants_for(g.get("variants", ["preln", "postln", "deepnorm", "mgt"]))
+    arms = arms_for(g.get("variants", ["preln", "postln", "deepnorm", "mgt"]))
     depths = [int(d) for d in g.get("depths", [12, 24, 48, 100, 200])]
     seeds = [int(s) for s in g.get("seeds", [exp.base.train.seed])]
-    specs = [(derive(exp.base, {"model.residual": v, "model.n_layers": d, "train.seed": s}), "") for d in depths for v in variants for s in seeds]
-    outcomes = run_grid(specs, exp.pool, "depth_scaling", evolution=bool(g.get("evolution", False)))
-    runs = [run_summary(o) for o in outcomes]
-    table = []
-    for v in variants:
-        for d in depths:
-            mine = [r for r in runs if r["residual"] == v and r["n_layers"] == d]
-            loss, loss_sd, n = mean_std([r["valid_loss"] for r in mine])
-            erank, erank_sd, _ = mean_std([r["erank_final_layer"] for r in mine])
-            erank0, _, _ = mean_std([r["erank_final_layer_init"] for r in mine])
-            diverged = sum(r["status"] == "diverged" for r in mine)
-            table.append({"variant": v, "depth": d, "valid_loss": loss, "valid_loss_std": loss_sd, "erank_final": erank, "erank_final_std": erank_sd,
-                          "erank_final_init": erank0, "seeds": len(mine), "finished": n, "diverged": diverged})
+    baseline_arm = g.get("baseline", "preln")
+    tuning = tuning_settings(g)
+    rule = exp.decision.get("rule", "ci_excludes_zero")
+    level = float(exp.decision.get("level", 0.95))
+    baselines = baselines_for(exp.base)
+    sweeps, runs, table = {}, [], []
+    for depth in depths:  # depth-major: an interrupted campaign has complete depths
+        sweeps[depth], mine = tuned_runs(exp, arms, depth, seeds, tuning, f"depth_scaling L{depth}")
+        runs += mine
+        table += compare_arms(mine, arms, depth, baseline_arm, baselines, rule, level, sweeps[depth])
+    write_plots(exp, arms, depths, table, sweeps, runs, baselines)
+    results = {"decision_rule": {"rule": rule, "rule_text": decide({"ci": [0, 0]}, rule)["rule_text"], "level": level, "baseline": baseline_arm},
+               "baselines": baselines, "tuning": tuning, "lr_sweeps": {str(d): s for d, s in sweeps.items()}, "table": table, "runs": runs}
+    write_results(exp, results, report_markdown(exp, seeds, baseline_arm, baselines, table))
+    return results
+
+
+def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, table: list[dict]) -> str:
+    md = f"# depth_scaling\n\n{sizes_line(exp)}; seeds {seeds}; every arm at its own tuned lr.\n\n"
+    md += (f"Baselines on every valid token: unigram {baselines['unigram']:.3f}, Kneser-Ney bigram {baselines['bigram_kn']:.3f} nats/token. "
+           f"Decision rule (declared in the preset): {exp.decision or {'rule': 'ci_excludes_zero'}}.\n\n")
+    rows = []
+    for r in table:
+        d = r.get("diff_vs_baseline")
+        rows.append([r["arm"], r["depth"], r["lr"], r["valid_loss"], f"[{r['valid_loss_ci'][0]:.3f}, {r['valid_loss_ci'][1]:.3f}]",
+                     d["mean"] if d else None, f"[{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]" if d else "-", r.get("decision", "-"),
+                     r["erank_tol_last"], r["ln_erank_tol_last"], r["collapsed_last"], r["seeds"], r["diverged"], r["label"]])
+    md += markdown_table(["arm", "layers", "lr", "valid loss", "95% CI", f"- {baseline_arm}", "paired CI", "decision",
+                          "erank_tol last", "erank_tol LN last", "collapsed", "seeds", "diverged", "note"], rows)
+    md += "\n![loss](loss_vs_depth.png)\n![lr sweeps](lr_sweeps.png)\n![loss vs tokens](loss_vs_tokens.png)\n![loss vs flops](loss_vs_flops.png)\n![loss vs time](loss_vs_seconds.png)\n"
+    md += "".join(f"![rank L{d}](erank_tol_by_layer_L{d}.png)\n![LN rank L{d}](ln_erank_tol_by_layer_L{d}.png)\n" for d in sorted({r["depth"] for r in table}))
+    return md
+
+
+def write_plots(exp, arms, depths, table, sweeps, runs, baselines) -> None:
     out = exp.out
     out.mkdir(parents=True, exist_ok=True)
-    plots.plot_series_vs_x({v: [(r["depth"], r["valid_loss"], r["valid_loss_std"]) for r in table if r["variant"] == v] for v in variants},
-                           out / "loss_vs_depth.png", "held-out loss vs depth", "layers", "valid loss (nats/token)", logx=True)
-    plots.plot_series_vs_x({v: [(r["depth"], r["erank_final"], r["erank_final_std"]) for r in table if r["variant"] == v] for v in variants},
-                           out / "erank_vs_depth.png", "final-layer effective rank vs depth (trained)", "layers", "erank / min(T, d)", logx=True)
-    md = f"# depth_scaling\n\n{sizes_line(exp)}; seeds {seeds}.\n\n"
-    md += markdown_table(["variant", "layers", "valid loss", "+-", "erank last (trained)", "erank last (init)", "runs", "diverged"],
-                         [[r["variant"], r["depth"], r["valid_loss"], r["valid_loss_std"], r["erank_final"], r["erank_final_init"], r["seeds"], r["diverged"]] for r in table])
-    md += "\n![loss](loss_vs_depth.png)\n![erank](erank_vs_depth.png)\n"
-    results = {"table": table, "runs": runs}
-    write_results(exp, results, md)
-    return results
+    series = {a: [(r["depth"], r["valid_loss"], (r["valid_loss_ci"][1] - r["valid_loss_ci"][0]) / 2) for r in table if r["arm"] == a] for a in arms}
+    series["bigram (KN)"] = [(d, baselines["bigram_kn"], 0.0) for d in depths]
+    plots.plot_series_vs_x(series, out / "loss_vs_depth.png", "held-out loss vs depth (tuned lr, 95% seed CI)", "layers", "valid loss (nats/token)", logx=True)
+    curves = {f"{a} L{d}": {lr: loss for lr, loss in sweeps[d][a]["results"]} for d in depths for a in arms}
+    plots.plot_lr_sweep(curves, {f"{a} L{d}": sweeps[d][a]["lr"] for d in depths for a in arms if sweeps[d][a]["lr"]}, out / "lr_sweeps.png", "lr sweeps")
+    first = [r for r in runs if r["seed"] == runs[0]["seed"]] if runs else []
+    for depth in depths:
+        for metric in ("erank_tol", "ln_erank_tol"):
+            mine = [r for r in first if r["depth"] == depth and r["rank_by_layer"].get(metric)]
+            if not mine:
+                continue
+            curves = {r["arm"]: r["rank_by_layer"][metric] for r in mine}
+            curves["(init, preln)"] = next((r["rank_by_layer_init"][metric] for r in mine if r["arm"] == "preln"), [])
+            ref = mine[0]["gaussian_reference"]
+            curves[f"Gaussian {ref['T']}x{ref['d']}"] = [ref[metric]] * max(len(c) for c in curves.values())
+            plots.plot_erank_vs_depth(curves, out / f"{metric}_by_layer_L{depth}.png", f"{metric} by layer after training, {depth} layers (first seed)")
+    first = [r for r in first if r["valid_curve"]]
+    for x, label in (("tokens", "training tokens"), ("flops", "training FLOPs"), ("seconds", "training wall seconds")):
+        curves = {f"{r['arm']} L{r['depth']}": [(p[x], p["loss"], 0.0) for p in r["valid_curve"] if p.get(x)] for r in first}
+        plots.plot_series_vs_x(curves, out / f"loss_vs_{x}.png", f"valid loss vs {label} (first seed)", label, "valid loss (nats/token)", logx=True)

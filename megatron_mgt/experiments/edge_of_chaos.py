@@ -20,8 +20,8 @@ from megatron_mgt import plots
 from megatron_mgt.config import Config, derive
 from megatron_mgt.experiments.common import Experiment, run_grid, run_name, run_summary
 from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
-from megatron_mgt.experiments.stats import mean_std, pearson, spearman
 from megatron_mgt.signal_prop import signal_propagation
+from megatron_mgt.stats import mean_std, pearson, spearman
 
 
 def exponents_at_init(cfg: Config) -> dict:

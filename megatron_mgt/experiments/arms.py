@@ -1,0 +1,142 @@
+"""The arms of a fair comparison: each variant at its own tuned learning rate, a
+parameter-matched pre-LN control, a 0-layer model, and the n-gram baselines.
+
+An arm is a name: a residual rule (`preln`, `mgt`, ...), `preln_matched` (pre-LN with the
+FFN widened so its parameter count equals `mgt`'s at the same depth and width) or
+`embed_only` (0 blocks: embedding, final norm, head; what the model learns with no
+mixing at all). `tuned_arm` runs the learning-rate sweep of experiments/lr_sweep.py for an
+arm through the run pool, at the preset's `tuning` settings:
+
+    tuning: {center: 3.0e-3, points: 4, factor: 2, max_points: 8, bands: {96: 48}}
+
+`bands` maps a depth to the depth whose sweep it uses (a depth not listed is swept itself).
+Sweep points are ordinary runs of the pool at the first seed, so the comparison run of the
+chosen lr at that seed is the sweep's own run (one name, one hash).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from megatron_mgt.baselines import ngram_baselines
+from megatron_mgt.config import Config, derive
+from megatron_mgt.experiments import common, lr_sweep
+from megatron_mgt.experiments.common import Experiment, RunOutcome, ensure_run, run_grid, run_summary, variants_for
+from megatron_mgt.model import RESIDUAL_RULES, Transformer
+from megatron_mgt.stats import decide, paired_difference, t_interval
+
+SPECIAL_ARMS = ("preln_matched", "embed_only")
+TUNING_DEFAULTS = {"center": 3.0e-3, "points": 4, "factor": 2.0, "max_points": 8, "bands": {}}
+
+
+def param_count(cfg: Config) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in Transformer(cfg.model).parameters())
+
+
+def matched_d_ff(base: Config, target: str = "mgt") -> int:
+    """The FFN width at which pre-LN has the parameter count of `target` (same depth and
+    width): the smallest d_ff whose count reaches the target's."""
+    goal = param_count(derive(base, {"model.residual": target}))
+    d_ff = derive(base, {"model.residual": "preln"}).model.ffn_dim
+    while param_count(derive(base, {"model.residual": "preln", "model.d_ff": d_ff})) < goal:
+        d_ff += 1
+    return d_ff
+
+
+def arm_config(base: Config, arm: str) -> Config:
+    """`base` (depth, seed, lr already set) as arm `arm`."""
+    if arm == "preln_matched":
+        return derive(base, {"model.residual": "preln", "model.d_ff": matched_d_ff(base)})
+    if arm == "embed_only":
+        return derive(base, {"model.residual": "preln", "model.n_layers": 0})
+    if arm not in RESIDUAL_RULES:
+        raise ValueError(f"unknown arm {arm!r}: a residual rule ({', '.join(RESIDUAL_RULES)}) or one of {SPECIAL_ARMS}")
+    return derive(base, {"model.residual": arm})
+
+
+def tuning_settings(grid: Mapping) -> dict:
+    settings = {**TUNING_DEFAULTS, **(grid.get("tuning") or {})}
+    unknown = set(settings) - set(TUNING_DEFAULTS)
+    if unknown:
+        raise ValueError(f"grid.tuning: unknown keys {sorted(unknown)} (allowed: {sorted(TUNING_DEFAULTS)})")
+    return settings
+
+
+def tuned_arm(base: Config, arm: str, depth: int, pool, tuning: Mapping, report_only: bool = False) -> dict:
+    """The lr sweep of `arm` at the sweep depth of `depth` (tuning['bands']) and the first
+    seed of `base`: every point, the chosen lr and the rule (lr_sweep.sweep's record)."""
+    sweep_depth = int(tuning["bands"].get(depth, depth))
+    at_depth = derive(base, {"model.n_layers": sweep_depth})
+    outcomes: dict[float, RunOutcome] = {}
+
+    def loss_at(lr: float) -> float:
+        outcomes[lr] = ensure_run(arm_config(derive(at_depth, {"train.lr": lr}), arm), pool, tag=arm if arm in SPECIAL_ARMS else "", report_only=report_only)
+        return run_summary(outcomes[lr])["valid_loss"]
+
+    record = lr_sweep.sweep(loss_at, float(tuning["center"]), int(tuning["points"]), float(tuning["factor"]), int(tuning["max_points"]))
+    record.update(arm=arm, depth=depth, sweep_depth=sweep_depth, runs={str(lr): o.name for lr, o in outcomes.items()})
+    return record
+
+
+def baselines_for(cfg: Config) -> dict:
+    """Unigram and Kneser-Ney bigram of the training split, scored on every valid token."""
+    return ngram_baselines(cfg.data.train_prefix, cfg.data.valid_prefix, cfg.model.vocab_size)
+
+
+def context_label(loss: float, baselines: Mapping) -> str:
+    """'no context learned' for a held-out loss that does not beat the bigram."""
+    return "" if loss < baselines["bigram_kn"] else "no context learned"
+
+
+def arms_for(requested) -> list[str]:
+    """The requested arms in their order (`comparators` expanded in place by variants_for)."""
+    return [arm for a in requested for arm in ([a] if a in SPECIAL_ARMS else variants_for([a]))]
+
+
+def tuned_runs(exp: Experiment, arms: list[str], depth: int, seeds: list[int], tuning: Mapping, desc: str) -> tuple[dict, list[dict]]:
+    """The lr sweep of every arm at the first seed, then every seed at each arm's chosen lr
+    (the first seed's run is the sweep's own). Returns ({arm: sweep record}, run summaries
+    with 'arm' and 'depth'); an arm whose every sweep point diverged has no runs."""
+    first = derive(exp.base, {"model.n_layers": depth, "train.seed": seeds[0]})
+    sweeps = {arm: tuned_arm(first, arm, depth, exp.pool, tuning, report_only=common.REPORT_ONLY) for arm in arms}
+    specs = []
+    for arm in arms:
+        if sweeps[arm]["lr"] is None:
+            continue
+        for seed in seeds:
+            cfg = derive(exp.base, {"model.n_layers": depth, "train.seed": seed, "train.lr": sweeps[arm]["lr"]})
+            specs.append((arm_config(cfg, arm), arm if arm in SPECIAL_ARMS else ""))
+    runs = [{**run_summary(o), "arm": o.tag or o.cfg.model.residual, "depth": depth} for o in run_grid(specs, exp.pool, desc)]
+    return sweeps, runs
+
+
+RANK_KEYS = ("erank_tol_last", "ln_erank_tol_last", "stable_rank_last", "token_cosine_last", "collapsed_last", "epochs", "distance_from_init")
+
+
+def compare_arms(runs: list[dict], arms: list[str], depth: int, baseline_arm: str, baselines: Mapping, rule: str, level: float, sweeps: Mapping) -> list[dict]:
+    """One row per arm (runs of one depth): the held-out loss over seeds with its t CI, the
+    seed-paired difference against `baseline_arm` with its CI and decision under `rule`,
+    seed means of the last layer's rank metrics, and the context label against the bigram."""
+    by_arm = {arm: {r["seed"]: r for r in runs if r["arm"] == arm} for arm in arms}
+    base_losses = {s: r["valid_loss"] for s, r in by_arm.get(baseline_arm, {}).items()}
+    rows = []
+    for arm in arms:
+        mine = by_arm[arm]
+        losses = {s: r["valid_loss"] for s, r in mine.items()}
+        loss = t_interval(list(losses.values()), level)
+        sweep = sweeps[arm]
+        row = {"arm": arm, "depth": depth, "lr": sweep["lr"], "lr_interior": sweep["interior"],
+               "valid_loss": loss["mean"], "valid_loss_ci": loss["ci"], "seeds": loss["n"], "per_seed": losses,
+               "diverged": sum(r["status"] == "diverged" for r in mine.values()),
+               "label": context_label(loss["mean"], baselines) if loss["n"] else "no finished run"}
+        for key in RANK_KEYS:
+            row[key] = t_interval([float(r[key]) for r in mine.values() if r.get(key) is not None], level)["mean"]
+        if arm != baseline_arm:
+            diff = paired_difference(losses, base_losses, level)
+            row["diff_vs_baseline"] = diff
+            row["decision"] = decide(diff, rule)["decision"]
+        rows.append(row)
+    return rows
