@@ -43,3 +43,4 @@ for arm, s in summary.items():
 b = summary["preln"]["baselines"]
 print(f"baselines: unigram {b['unigram']:.4f}, bigram KN {b['bigram_kn']:.4f}")
 PY
+"$BIN/python" bench/ddl_rank1_plots.py "$OUT" docs/results/ddl_rank1_anomaly

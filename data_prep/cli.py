@@ -23,8 +23,8 @@ _EXPECTED_ERRORS = (
     TokenizerError,
     ShardError,
     IndexedDatasetError,
-    FileNotFoundError,
     ValueError,
+    OSError,  # FileNotFoundError, an --out that is a file, a read-only or full disk: the message names the path
 )
 
 

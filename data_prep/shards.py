@@ -3,18 +3,22 @@
 Documents are grouped into chunks of about ``chunk_chars`` characters and
 encoded by a pool of worker processes; results are consumed strictly in
 submission order (with a bounded number in flight), so the output bytes do not
-depend on the number of workers. Every document gets the EOS id appended.
+depend on the number of workers. Every document gets the EOS id appended. Temp files
+that a killed run left next to the shards are removed when their process is gone.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import re
+import sys
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -32,9 +36,18 @@ class ShardError(RuntimeError):
     """Tokenisation of a named document failed, or a split received no documents."""
 
 
+class EmptySplitError(ShardError):
+    """A split received no documents; `counts` has the documents each split did receive."""
+
+    def __init__(self, message: str, counts: dict[str, int]) -> None:
+        super().__init__(message)
+        self.counts = counts
+
+
 @dataclass(frozen=True)
 class ShardStats:
-    """What was written for one split."""
+    """What was written for one split; `seconds` is this split's share of the wall time
+    (each chunk's time is shared among the splits in it by their characters)."""
 
     prefix: str
     documents: int
@@ -110,6 +123,31 @@ def _encoded_chunks(
             yield done_chunk, result.get()
 
 
+def remove_stale_temps(prefix: str | os.PathLike) -> list[Path]:
+    """Remove the temp files (``.NAME.bin|idx.PID.HEX.tmp``, data.indexed) of a writer of
+    this shard whose process no longer exists on this host; returns them."""
+    target = Path(prefix)
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(bin|idx)\.(\d+)\.[0-9a-f]+\.tmp")
+    removed = []
+    for path in target.parent.glob(f".{target.name}.*.tmp"):
+        match = pattern.fullmatch(path.name)
+        if match and not _alive(int(match.group(2))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+            print(f"mgt-prep: removed {path}, left by process {match.group(2)}, which is gone", file=sys.stderr)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def assign_splits(documents: Iterable[Document], valid_fraction: float) -> Iterator[Item]:
     """Route exactly ``floor(n * valid_fraction)`` of the first n documents, evenly spread, to 'valid'."""
     if not 0.0 <= valid_fraction < 1.0:
@@ -138,8 +176,10 @@ def tokenize_to_shards(
         dtype = choose_dtype(tokenizer.vocab_size)
     except ValueError as err:
         raise ShardError(f"tokenizer {model_file}: {err}") from err
-    counts = {split: {"documents": 0, "tokens": 0, "chars": 0} for split in out_prefixes}
-    start = time.perf_counter()
+    for prefix in out_prefixes.values():
+        remove_stale_temps(prefix)
+    counts = {split: {"documents": 0, "tokens": 0, "chars": 0, "seconds": 0.0} for split in out_prefixes}
+    last = time.perf_counter()
     with ExitStack() as stack:
         writers = {split: stack.enter_context(IndexedDatasetWriter(prefix, dtype)) for split, prefix in out_prefixes.items()}
         bar = stack.enter_context(tqdm(unit="tok", unit_scale=True, desc="tokenize", disable=not progress))
@@ -155,10 +195,14 @@ def tokenize_to_shards(
                 stats["tokens"] += tokens.size
                 stats["chars"] += len(doc.text)
                 bar.update(tokens.size)
-        empty = [split for split, stats in counts.items() if stats["documents"] == 0]
+            now, chunk_chars = time.perf_counter(), max(1, sum(len(doc.text) for _, doc in chunk))
+            for split, doc in chunk:
+                counts[split]["seconds"] += (now - last) * len(doc.text) / chunk_chars
+            last = now
+        documents = {split: stats["documents"] for split, stats in counts.items()}
+        empty = [split for split, n in documents.items() if n == 0]
         if empty:
-            raise ShardError(f"no documents for split(s) {empty}; nothing written")
+            raise EmptySplitError(f"no documents for split(s) {empty} (documents per split: {documents}); nothing written", documents)
         for writer in writers.values():
             writer.finalize()
-    seconds = time.perf_counter() - start
-    return {split: ShardStats(prefix=os.fspath(out_prefixes[split]), seconds=seconds, **counts[split]) for split in out_prefixes}
+    return {split: ShardStats(prefix=os.fspath(out_prefixes[split]), **counts[split]) for split in out_prefixes}

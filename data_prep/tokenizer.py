@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -87,6 +88,7 @@ def train_tokenizer(
     prefix = Path(out_prefix)
     if not prefix.parent.is_dir():
         raise FileNotFoundError(f"output directory does not exist: {prefix.parent}")
+    check_writable(prefix.parent)  # before training, not after
     symbols = [NEWLINE] + [s for s in user_defined_symbols if s != NEWLINE]
     counts = {"documents": 0, "chars": 0}
     model = io.BytesIO()
@@ -138,6 +140,16 @@ def train_tokenizer(
     )
     _atomic_write(Path(f"{prefix}.json"), (json.dumps(asdict(meta), indent=2) + "\n").encode())
     return meta
+
+
+def check_writable(directory: Path) -> None:
+    """A file can be created in `directory`, else TokenizerError naming it and why."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".mgt-prep-write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise TokenizerError(f"cannot write to the output directory {directory}: {err.strerror}") from err
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

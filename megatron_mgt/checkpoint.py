@@ -1,28 +1,86 @@
-"""Atomic checkpoints and `resume=auto`.
+"""Atomic, verified checkpoints, `resume=auto` with fallback, and the run-directory lock.
 
-Layout: RUN/checkpoints/step_00000100/{model.pt, optimizer.pt, trainer.pt, rank_00000.pt}
-(the engine writes its own files, docs/ENGINES.md lists them per engine; the trainer writes
-trainer.pt: step, data position, RNG states, config, and every rank writes
+Layout: RUN/checkpoints/step_00000100/{model.pt, optimizer.pt, trainer.pt, rank_00000.pt,
+manifest.json} (the engine writes its own files, docs/ENGINES.md lists them per engine; the
+trainer writes trainer.pt: step, data position, RNG states, config, and every rank writes
 rank_NNNNN.pt: its RNG states and data position). A checkpoint is written into a hidden
-temp dir, renamed into place, and only then is RUN/checkpoints/latest (one line: the
-directory name) replaced. A crash at any point leaves the previous checkpoint and
-pointer intact. With several processes every rank writes into the same temp dir; the
-main rank alone creates, renames and points, with barriers in between.
+temp dir; after the barrier the main rank fsyncs every file, writes manifest.json (the size
+of every file), renames the dir into place and only then replaces RUN/checkpoints/latest
+(one line: the directory name). A crash at any point leaves the previous checkpoint and
+pointer intact; a failed write removes its temp dir and says where and how much space it
+needed. `find_checkpoint` takes the newest checkpoint whose files match its manifest and
+warns about each damaged one it passes over. docs/ROBUSTNESS.md has the fault model.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import os
+import pickle
 import random
 import shutil
+import socket
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from megatron_mgt.config import ConfigError, TrainConfig, resume_changes
+from megatron_mgt.engine.base import TRAINER_STATE
+from megatron_mgt.engine.optim import set_schedule_step
+
 LATEST = "latest"
-TRAINER_STATE = "trainer.pt"
+MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
+LOAD_ERRORS = (RuntimeError, EOFError, OSError, pickle.UnpicklingError, KeyError)  # what a damaged .pt raises
+OPTIMIZER_KEYS = ("train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.max_steps", "train.weight_decay", "train.beta1", "train.beta2")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that could not be written, verified or read; the message names the path."""
+
+
+class RunLockedError(RuntimeError):
+    """Another trainer holds the run directory."""
+
+
+class RunLock:
+    """An exclusive flock(2) on RUN/.lock, held for the run's life; the OS drops it when the
+    process ends, however it ends. The file names the holder (pid, host, start time). Linux
+    NFS clients map flock onto whole-file POSIX locks, which the server arbitrates across
+    nodes; Lustre needs the `flock` mount option (without it flock fails and the run goes on
+    unlocked, with a warning). docs/ROBUSTNESS.md section 1."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 512).decode(errors="replace").strip() or "a process that has not written its name yet"
+            os.close(fd)
+            raise RunLockedError(f"{self.path.parent} is in use by another trainer ({holder}; lock {self.path}): wait for it or use another train.run_dir") from None
+        except OSError as err:
+            os.close(fd)
+            print(f"mgt-train: warning: cannot lock {self.path} ({err.strerror}); running without a run-directory lock", file=sys.stderr)
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def rank_state_name(rank: int) -> str:
@@ -44,13 +102,58 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` into `path` through a fsynced temp file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
+def _seal(tmp: Path, trainer_state: dict) -> None:
+    """trainer.pt, then fsync every file and dir under `tmp`, then manifest.json (every file's size)."""
+    torch.save(trainer_state, tmp / TRAINER_STATE)
+    files = _files(tmp)
+    for path in files + sorted({p.parent for p in files}):
+        _fsync(path)
+    manifest = {"files": {str(p.relative_to(tmp)): p.stat().st_size for p in files}}
+    write_text_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))
+
+
+def _size(n: int) -> str:
+    return f"{n} bytes" if n < 2**20 else f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def _write_error(root: Path, name: str, err: BaseException | None) -> CheckpointError:
+    """How much a checkpoint needs (the newest complete one's size) against what is free."""
+    previous = complete_checkpoints(root)
+    needed = sum(p.stat().st_size for p in _files(previous[-1])) if previous else 0
+    free = shutil.disk_usage(root).free
+    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or free < needed
+    cause = f"{type(err).__name__}: {err}" if err is not None else "another rank failed to write its files"
+    return CheckpointError(
+        f"checkpoint {root / name} could not be written{' (disk full: ENOSPC)' if full else ''}: {cause}. "
+        f"{_size(free)} free on that filesystem, a checkpoint needs about {_size(needed)} (the last one's size). "
+        f"The partial files were removed; the last good checkpoint is {previous[-1] if previous else 'none'}."
+    )
 
 
 def save_checkpoint(
@@ -61,13 +164,15 @@ def save_checkpoint(
     keep: int = 0,
     is_main: bool = True,
     barrier: Callable[[], None] = lambda: None,
+    any_rank: Callable[[bool], bool] = lambda flag: flag,
 ) -> Path:
     """Write a checkpoint for `step` under `root` atomically and point `latest` at it.
 
-    `write_files(dir)` writes the engine's files into the temp dir; it runs on every
-    rank (call this function on every rank, with `barrier` the engine's). Only the main
-    rank writes trainer.pt, renames and moves the pointer. `keep > 0` prunes all but the
-    newest `keep` checkpoints after the pointer has moved."""
+    `write_files(dir)` writes the engine's files into the temp dir; it runs on every rank
+    (call this function on every rank, with the engine's `barrier` and `any_rank`). Only the
+    main rank writes trainer.pt and the manifest, renames and moves the pointer. A failure on
+    any rank removes the temp dir on all and raises CheckpointError. `keep > 0` prunes all but
+    the newest `keep` checkpoints after the pointer has moved."""
     name = f"step_{step:08d}"
     tmp, final = root / f".{name}.tmp", root / name
     if is_main:
@@ -75,19 +180,42 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     barrier()
-    write_files(tmp)
-    barrier()
+    for stage in (lambda: write_files(tmp), lambda: is_main and _seal(tmp, trainer_state)):
+        error = None
+        try:
+            stage()
+        except (OSError, RuntimeError) as err:  # torch.save reports a full disk as RuntimeError (inline_container.cc)
+            error = err
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if any_rank(error is not None):
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            failure, cause = _write_error(root, name, error), error
+            while cause is not None:  # the frames of the failed write hold the deleted file open, and its space with it
+                cause.__traceback__, cause = None, cause.__context__
+            raise failure from error
     if is_main:
-        torch.save(trainer_state, tmp / TRAINER_STATE)
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _write_text_atomic(root / LATEST, name + "\n")
+        _fsync(root)
+        write_text_atomic(root / LATEST, name + "\n")
         if keep > 0:
             for old in complete_checkpoints(root)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
+
+
+def remove_stale_temps(root: Path) -> list[str]:
+    """Temp dirs and pointer files of checkpoint writes that a killed process left behind
+    (call it holding the run lock); returns their names."""
+    stale = sorted(root.glob(".step_*.tmp")) + sorted(root.glob(f".{LATEST}.tmp")) if root.is_dir() else []
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return [p.name for p in stale]
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -97,43 +225,81 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if (p / TRAINER_STATE).is_file())
 
 
-def find_checkpoint(root: Path, resume: str) -> Path | None:
-    """'none' -> None; 'auto' -> the `latest` pointer, else the newest complete dir,
-    else None; anything else is a checkpoint dir that must exist."""
+def verify_checkpoint(directory: Path) -> str | None:
+    """None when every file of the manifest is there at its recorded size, else what is wrong.
+    A checkpoint without a manifest (written before manifests, or by mgt-convert) passes."""
+    if not (directory / MANIFEST).is_file():
+        return None
+    try:
+        files = json.loads((directory / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"{MANIFEST} is unreadable ({err})"
+    for rel, size in files.items():
+        path = directory / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != size:
+            return f"{rel} is {path.stat().st_size} bytes, the manifest says {size}"
+    return None
+
+
+def _stderr_warning(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def find_checkpoint(root: Path, resume: str, warn: Callable[[str], None] = _stderr_warning) -> Path | None:
+    """'none' -> None; 'auto' -> the `latest` pointer's checkpoint, else the newest complete
+    dir, passing over (with a warning each) those that fail `verify_checkpoint`; None when
+    there is none; anything else is a checkpoint dir that must exist and verify."""
     if resume == "none":
         return None
     if resume != "auto":
         path = Path(resume)
         if not (path / TRAINER_STATE).is_file():
             raise FileNotFoundError(f"train.resume={resume}: no {TRAINER_STATE} in that directory")
+        problem = verify_checkpoint(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
         return path
     pointer = root / LATEST
-    if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if (candidate / TRAINER_STATE).is_file():
-            return candidate
-    found = complete_checkpoints(root)
-    return found[-1] if found else None
-
-
-def checkpoint_step(directory: Path) -> int:
-    """The step recorded in a checkpoint's trainer.pt (0 when there is none)."""
-    path = directory / TRAINER_STATE
-    return int(torch.load(path, weights_only=False)["step"]) if path.is_file() else 0
+    candidates = [root / pointer.read_text().strip()] if pointer.is_file() else []
+    candidates = [p for p in candidates if (p / TRAINER_STATE).is_file()]
+    candidates += [p for p in reversed(complete_checkpoints(root)) if p not in candidates]
+    for path in candidates:
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        warn(f"checkpoint {path} is damaged ({problem}); passing over it to an older one")
+    if candidates:
+        raise CheckpointError(f"{root}: no checkpoint verifies (see the warnings); move them aside or set train.resume=none to start over")
+    return None
 
 
 def load_trainer_state(directory: Path, rank: int = 0, world_size: int = 1) -> dict:
     """trainer.pt, with `rng` and `loader` replaced by this rank's own (rank_NNNNN.pt)
     when the checkpoint has one; a checkpoint from another world size (or converted)
     falls back to the main rank's and says so in `rank_state`."""
-    state = torch.load(directory / TRAINER_STATE, weights_only=False)
     own = directory / rank_state_name(rank)
-    mine = torch.load(own, weights_only=False) if own.is_file() else None
+    try:
+        state = torch.load(directory / TRAINER_STATE, weights_only=False)
+        mine = torch.load(own, weights_only=False) if own.is_file() else None
+    except LOAD_ERRORS as err:
+        raise CheckpointError(f"checkpoint {directory}: cannot read {TRAINER_STATE} / {own.name}: {err}") from err
     if mine is not None and mine.get("world_size") == world_size:
         state.update(rng=mine["rng"], loader=mine["loader"], rank_state="own")
     else:
         state["rank_state"] = "main"
     return state
+
+
+def retune(scheduler: torch.optim.lr_scheduler.LambdaLR, train: TrainConfig) -> None:
+    """After loading an optimizer saved under other hyperparameters: this run's lr, weight
+    decay and betas (group 0 decays, group 1 does not: engine.optim.param_groups), at the
+    loaded step of this run's schedule (the schedule's lambda already reads `train`)."""
+    scheduler.base_lrs = [train.lr] * len(scheduler.base_lrs)
+    for i, group in enumerate(scheduler.optimizer.param_groups):
+        group.update(initial_lr=train.lr, weight_decay=train.weight_decay if i == 0 else 0.0, betas=(train.beta1, train.beta2))
+    set_schedule_step(scheduler, scheduler.last_epoch)
 
 
 class Checkpointer:
@@ -165,14 +331,26 @@ class Checkpointer:
             own = {"rank": engine.rank, "world_size": engine.world_size, "dp_rank": engine.dp_rank, "rng": rng_state(), "loader": loader.state_dict()}
             torch.save(own, directory / rank_state_name(engine.rank))
 
-        return save_checkpoint(self.root, step, write_files, state, keep=self.keep, is_main=engine.is_main, barrier=engine.barrier)
+        any_rank = engine.any_rank if engine.world_size > 1 else (lambda flag: flag)
+        return save_checkpoint(self.root, step, write_files, state, keep=self.keep, is_main=engine.is_main, barrier=engine.barrier, any_rank=any_rank)
 
     def restore(self, directory: Path) -> dict:
         """Engine, data position, RNG and monitor statistics from `directory`; returns the
-        trainer state (step, train_seconds, rank_state). A rollback keeps the data positions
+        trainer state (step, train_seconds, rank_state) with `changes`, the config keys this
+        run changed (config.resume_changes refuses the others before anything is loaded);
+        changed optimizer keys take effect (`retune`). A rollback keeps the data positions
         the monitor has learnt to leave out since that checkpoint was written."""
-        self.engine.load(directory)
         state = load_trainer_state(directory, self.engine.rank, self.engine.world_size)
+        try:
+            state["changes"] = resume_changes(state.get("config", {}), self.config)
+        except ConfigError as err:
+            raise ConfigError(f"cannot resume from {directory}: {err}") from None
+        try:
+            self.engine.load(directory)
+        except LOAD_ERRORS as err:
+            raise CheckpointError(f"checkpoint {directory}: the engine cannot load it: {type(err).__name__}: {err}") from err
+        if any(key in OPTIMIZER_KEYS for key, _, _ in state["changes"]):
+            retune(self.engine.scheduler, self.engine.cfg.train)
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
         if self.monitor is not None and "stability" in state:

@@ -14,7 +14,9 @@ Per run (from RUN/config.yaml, metrics.jsonl and, when mgt-eval ran, eval/eval.j
                               (live telemetry), else eval.json
     neg beta deep             fraction of beta < 0 over the deepest third of the sublayers
 
-A run resumed or rolled back repeats steps in metrics.jsonl; the last record of a step wins.
+A run rolled back repeats steps in metrics.jsonl (a resume moves the records of the steps it
+repeats to metrics.superseded.jsonl); the last record of a step wins. A bad line in a metrics
+file is an error naming the file and line; a torn last line is skipped with a warning.
 Writes OUT/compare.md, OUT/compare.json, OUT/loss_curves.png (training loss, spikes marked x,
 validation dashed), OUT/grad_norm.png and OUT/erank_heatmap_<run>.png (layer x step, one
 colour scale for all runs).
@@ -31,6 +33,7 @@ from pathlib import Path
 import yaml
 
 from megatron_mgt import plots
+from megatron_mgt.data.indexed import IndexedDataset
 from megatron_mgt.experiments.report import markdown_table
 from megatron_mgt.metrics import read_metrics
 from megatron_mgt.telemetry import latest_per_step
@@ -76,8 +79,42 @@ def deep_third_mean(values: list) -> float | None:
     return sum(tail) / len(tail) if tail else None
 
 
+EPOCH_POINTS = (1, 2, 4, 8, 16, 32)  # fixed epoch counts at which arms are compared
+
+
+def steps_per_epoch(config: dict) -> float | None:
+    """Optimizer steps per pass over the train split: train tokens / global tokens per step
+    (None when the shard is not on this machine). Data-parallel size is not in the config:
+    the presets' micro_batch_size x grad_accum_steps x seq_len is per data-parallel rank, so
+    runs compare exactly only at equal dp; `parallel.data_parallel` is used when recorded."""
+    data, train = config.get("data", {}), config.get("train", {})
+    prefix = data.get("train_prefix")
+    try:
+        tokens = IndexedDataset(prefix).num_tokens if prefix else 0
+    except (OSError, ValueError):
+        return None
+    per_step = train.get("micro_batch_size", 0) * train.get("grad_accum_steps", 1) * data.get("seq_len", 0) * config.get("parallel", {}).get("data_parallel", 1)
+    return tokens / per_step if tokens and per_step else None
+
+
+def at_epochs(valid: list[dict], per_epoch: float | None) -> dict:
+    """Valid perplexity at fixed epoch counts (the last evaluation at or before each), and
+    the epoch of the best one: long runs overfit, so arms are compared at stated points."""
+    if not valid or not per_epoch:
+        return {}
+    out = {}
+    for epoch in EPOCH_POINTS:
+        before = [r for r in valid if r["step"] <= epoch * per_epoch]
+        if epoch * per_epoch <= valid[-1]["step"] and before:
+            out[f"valid_ppl_epoch_{epoch}"] = math.exp(min(before[-1]["loss"], 50.0))
+    best = min(valid, key=lambda r: r["loss"])
+    out["best_valid_epoch"] = best["step"] / per_epoch
+    return out
+
+
 def summarise(run: dict, loss_target: float) -> dict:
     train, valid = run["train"], run["valid"]
+    per_epoch = steps_per_epoch(run["config"])
     smooth = ema([r["loss"] for r in train])
     reached = next((i for i, s in enumerate(smooth) if s <= loss_target), None)
     model = run["config"].get("model", {})
@@ -108,6 +145,9 @@ def summarise(run: dict, loss_target: float) -> dict:
         "erank_last": geometry["erank"][-1] if geometry else None,
         "neg_beta_deep": deep_third_mean(geometry.get("beta_frac_negative", [])) if geometry else None,
         "centered": run["geometry"][-1]["centered"] if run["geometry"] else (run["eval"] or {}).get("geometry", {}).get("centered"),
+        "epochs": train[-1]["step"] / per_epoch if train and per_epoch else None,
+        "steps_per_epoch": per_epoch,
+        **at_epochs(valid, per_epoch),
     }
 
 
@@ -125,6 +165,8 @@ HEADER = [
     "s to loss X",
     "erank last",
     "neg beta deep",
+    "epochs",
+    "best valid at epoch",
 ]
 KEYS = [
     "run",
@@ -140,6 +182,8 @@ KEYS = [
     "seconds_to_target",
     "erank_last",
     "neg_beta_deep",
+    "epochs",
+    "best_valid_epoch",
 ]
 
 
@@ -159,7 +203,12 @@ def compare(run_dirs: list[Path], out: Path, loss_target: float | None = None) -
     tmp.replace(out / "compare.json")
     centred = {r["centered"] for r in rows if r["centered"] is not None}
     note = f"Loss X = {loss_target:.4f} nats (smoothed training loss). erank is {'centred' if centred == {True} else 'uncentred' if centred == {False} else 'mixed centring'}.\n"
-    table = markdown_table(HEADER, ([r[k] for k in KEYS] for r in rows))
+    table = markdown_table(HEADER, ([r.get(k) for k in KEYS] for r in rows))
+    epochs = [e for e in EPOCH_POINTS if any(f"valid_ppl_epoch_{e}" in r for r in rows)]
+    if epochs:
+        table += "\nValid perplexity at fixed epoch counts (last evaluation at or before each):\n\n" + markdown_table(
+            ["run", *(f"epoch {e}" for e in epochs)], ([r["run"], *(r.get(f"valid_ppl_epoch_{e}") for e in epochs)] for r in rows)
+        )
     tmp = out / ".compare.md.tmp"
     tmp.write_text(note + "\n" + table)
     tmp.replace(out / "compare.md")
@@ -181,6 +230,13 @@ def write_plots(runs: list[dict], out: Path) -> None:
     plots.plot_loss_curves(
         curves, out / "loss_curves.png", "loss (x: anomalies)", markers=markers, dashed=lambda name: name.endswith("(valid)")
     )
+    by_epoch = {}
+    for run in runs:
+        per_epoch = steps_per_epoch(run["config"])
+        if run["valid"] and per_epoch:
+            by_epoch[run["name"]] = [(r["step"] / per_epoch, r["loss"]) for r in run["valid"]]
+    if by_epoch:
+        plots.plot_loss_curves(by_epoch, out / "valid_vs_epochs.png", "valid loss against epochs of the train split", xlabel="epochs")
     norms = {run["name"]: [(r["step"], r["grad_norm"]) for r in run["train"] if math.isfinite(r["grad_norm"])] for run in runs}
     grad_marks = {run["name"]: [(a["step"], a["value"]) for a in run["anomalies"] if a["metric"] == "grad_norm"] for run in runs}
     plots.plot_loss_curves(

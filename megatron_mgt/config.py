@@ -74,8 +74,9 @@ class ModelConfig:
     max_seq_len: int = 256
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
-    final_norm: bool = True  # LayerNorm before the LM head (spec 1: standard; an open knob)
+    final_norm: bool = True  # a norm (model.norm) before the LM head (spec 1: standard; an open knob)
     residual: str = "mgt"
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # every norm of the model (model/norm.py); the spec writes LN
     norm_eps: float = 1e-5
     init_std: float = 0.02
     scale_init_by_depth: bool = True  # output projections std / sqrt(2 * n_layers) (GPT-2)
@@ -84,6 +85,8 @@ class ModelConfig:
     ddl_rank1: Rank1DDLConfig = field(default_factory=Rank1DDLConfig)
     mhc_streams: int = 4  # mhc_nstream: number of residual streams n
     mhc_nstream: NStreamMHCConfig = field(default_factory=NStreamMHCConfig)
+    fused_residual: bool = False  # mhc/ddl/mgt: the elementwise tail as one recomputed region (model/fused.py); other rules have none
+    compile: bool = False  # torch.compile every block, applied by the engine after building the model (engine/single.py)
 
     @property
     def head_dim(self) -> int:
@@ -150,6 +153,7 @@ class ParallelConfig:
     partition_method: str = "balanced"  # deepspeed_pipe: balanced (cost model) | parameters | uniform
     embed_cost: float = 1.0  # balanced: cost of the embedding stage item, in blocks (Megatron counts it as one layer)
     fsdp_reshard_after_forward: bool = True  # fsdp: free gathered params after forward (ZeRO-3-like)
+    dist_timeout_minutes: float = 30.0  # collective timeout (init_process_group, deepspeed.init_distributed): a hung rank fails the job
 
 
 @dataclass
@@ -286,7 +290,10 @@ def parse_override(text: str) -> dict:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{text}': the value is not valid YAML ({str(err).splitlines()[0]})") from None
     out: dict = {}
     node = out
     parts = key.strip().split(".")
@@ -301,6 +308,9 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     if m.residual not in RESIDUALS:
         raise ConfigError(f"model.residual: '{m.residual}' is not one of {list(RESIDUALS)}{_nearest(m.residual, RESIDUALS)}")
+    for name in ("d_model", "n_heads", "vocab_size"):
+        if getattr(m, name) <= 0:
+            raise ConfigError(f"model.{name}={getattr(m, name)} must be positive")
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     if m.head_dim % 2:
@@ -322,9 +332,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.final_norm=false is not supported by parallel.engine=deepspeed_pipe yet (its layer specs and checkpoint layout hold a final-norm stage)")
     if m.residual == "mhc_nstream" and cfg.parallel.engine == "deepspeed_pipe":
         raise ConfigError("model.residual=mhc_nstream is not supported by parallel.engine=deepspeed_pipe yet (its layer specs carry a [B, T, d] stream)")
-    for name in ("d_model", "n_heads", "vocab_size"):
-        if getattr(m, name) <= 0:
-            raise ConfigError(f"model.{name} must be positive")
+    if m.compile and cfg.parallel.engine == "deepspeed_pipe":
+        raise ConfigError("model.compile=true is not supported by parallel.engine=deepspeed_pipe yet (DeepSpeed builds its LayerSpec blocks itself)")
     if m.n_layers < (1 if cfg.parallel.engine == "deepspeed_pipe" else 0):
         raise ConfigError(f"model.n_layers={m.n_layers} must be >= 0 (0: embedding + head, a baseline), >= 1 with the pipeline")
     t = cfg.train
@@ -372,8 +381,42 @@ def validate_parallel(cfg: Config) -> None:
         raise ConfigError(f"parallel.partition_method: '{p.partition_method}' is not one of {list(PARTITION_METHODS)}{_nearest(p.partition_method, PARTITION_METHODS)}")
     if p.embed_cost < 0:
         raise ConfigError(f"parallel.embed_cost={p.embed_cost} must be >= 0")
+    if p.dist_timeout_minutes <= 0:
+        raise ConfigError(f"parallel.dist_timeout_minutes={p.dist_timeout_minutes} must be > 0")
     if p.deepspeed_config and not p.engine.startswith("deepspeed"):
         raise ConfigError(f"parallel.deepspeed_config is set but parallel.engine='{p.engine}' is not a DeepSpeed engine")
+
+
+# What a resumed run may change: it takes effect (the optimizer is retuned to this run's train.*)
+# and the trainer logs it with old and new values. A pattern ending in ".*" covers a section.
+# Every other key (model shape, residual rule, seed, batch shape, training data) must equal the
+# checkpoint's, or the resume is refused naming the key and both values. docs/ROBUSTNESS.md.
+RESUME_MAY_CHANGE = (
+    "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.max_steps", "train.weight_decay", "train.beta1", "train.beta2",
+    "train.grad_clip", "train.eval_every", "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.resume",
+    "train.exit_at_step", "train.exit_after_minutes", "train.run_dir", "train.threads", "train.device", "train.precision",
+    "data.valid_prefix", "data.test_prefix", "data.tokenizer", "parallel.*", "log.*", "eval.*", "stability.*",
+)  # fmt: skip
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def resume_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+    """(key, checkpoint value, this run's value) for every key that differs between a
+    checkpoint's config and this run's; ConfigError naming each key that RESUME_MAY_CHANGE
+    does not allow. Keys only one side has (an older or newer schema) are not compared."""
+    old, new = _flat(saved), _flat(current)
+    changes = [(key, old[key], new[key]) for key in new if key in old and old[key] != new[key]]
+    allowed = {key for key, _, _ in changes if key in RESUME_MAY_CHANGE or f"{key.split('.')[0]}.*" in RESUME_MAY_CHANGE}
+    refused = [f"{key} is {a!r} in the checkpoint and {b!r} in this run" for key, a, b in changes if key not in allowed]
+    if refused:
+        raise ConfigError("; ".join(refused) + " (these cannot change on resume: use a new train.run_dir, or train.resume=none to start over)")
+    return changes
 
 
 def load_config(preset: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:

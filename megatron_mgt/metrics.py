@@ -3,10 +3,16 @@
 Every record is a flat dict with `kind` ('train', 'valid', 'geometry', 'event', 'anomaly')
 and `step`. Anomalies (megatron_mgt/stability.py) also go to RUN/anomalies.jsonl, the run's
 anomaly log.
+
+Every record is appended whole or not at all (a failed write is cut back to the last whole
+line and raises MetricsError naming the file). A resumed run first drops a torn last line (a
+writer killed mid-record) and moves the records of steps after its checkpoint, which it is
+about to write again, to metrics.superseded.jsonl (and anomalies.superseded.jsonl).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -80,15 +86,74 @@ def provenance(device: str) -> dict:
     }
 
 
-class MetricsLog:
-    """Appends records to RUN/metrics.jsonl and, if enabled, to wandb."""
+class MetricsError(ValueError):
+    """A metrics file that cannot be appended to or read; the message names the file (and line)."""
 
-    def __init__(self, run_dir: Path, cfg: Config, device: str):
+
+def append_whole(fd: int, path: Path, data: bytes) -> None:
+    """Append `data` to the file open as `fd`, or leave the file as it was and raise MetricsError."""
+    start = os.lseek(fd, 0, os.SEEK_END)
+    done = 0
+    try:
+        while done < len(data):
+            done += os.write(fd, data[done:])
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, start)
+        raise MetricsError(f"{path}: cannot append a record ({err.strerror}); the file still ends at its last whole line") from err
+
+
+def drop_torn_tail(path: Path) -> int:
+    """Cut a last line without its newline (a writer killed mid-record); the bytes dropped."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return 0
+        f.seek(0)
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[keep:])  # whole but for its newline: keep it
+            f.write(b"\n")
+            return 0
+        except ValueError:
+            f.truncate(keep)
+    return len(data) - keep
+
+
+def supersede(path: Path, step: int) -> int:
+    """Move the records of steps after `step` from `path` to PATH.superseded.jsonl (a resumed
+    run writes those steps again); the number moved."""
+    if not path.is_file():
+        return 0
+    kept, later = [], []
+    for number, line in enumerate(path.read_bytes().splitlines(keepends=True), 1):
+        (later if (_parse(line, path, number).get("step") or 0) > step else kept).append(line)
+    if later:
+        with open(path.with_suffix(".superseded.jsonl"), "ab") as f:
+            f.writelines(later)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(b"".join(kept))
+        os.replace(tmp, path)
+    return len(later)
+
+
+class MetricsLog:
+    """Appends records to RUN/metrics.jsonl and, if enabled, to wandb. `resume_step`: the
+    step of the checkpoint a resumed run continues from; `repairs` says what opening changed."""
+
+    def __init__(self, run_dir: Path, cfg: Config, device: str, resume_step: int | None = None):
         self.path = run_dir / "metrics.jsonl"
         self.anomaly_path = run_dir / ANOMALIES
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "provenance.json").write_text(json.dumps(provenance(device), indent=2))
-        self.file = open(self.path, "a")
+        paths = (self.path, self.anomaly_path)
+        self.repairs = {"torn_bytes_dropped": sum(drop_torn_tail(p) for p in paths)}
+        if resume_step is not None:
+            self.repairs["records_superseded"] = sum(supersede(p, resume_step) for p in paths)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.wandb = None
         mode = wandb_mode(cfg.log.wandb)
         if mode != "disabled":
@@ -106,12 +171,14 @@ class MetricsLog:
             )
 
     def log(self, record: dict) -> None:
-        line = json.dumps(record) + "\n"
-        self.file.write(line)
-        self.file.flush()
+        line = (json.dumps(record) + "\n").encode()
+        append_whole(self.fd, self.path, line)
         if record.get("kind") == "anomaly":
-            with open(self.anomaly_path, "a") as f:
-                f.write(line)
+            fd = os.open(self.anomaly_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                append_whole(fd, self.anomaly_path, line)
+            finally:
+                os.close(fd)
         if self.wandb is not None:
             kind = record.get("kind", "train")
             self.wandb.log(wandb_scalars(record, kind), step=record.get("step"))
@@ -124,7 +191,9 @@ class MetricsLog:
             self.wandb.log({key: wandb.Image(str(path)) for key, path in images.items()}, step=step)
 
     def close(self) -> None:
-        self.file.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
@@ -169,6 +238,33 @@ def _wandb_id(run_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def _parse(line: bytes, path: Path, number: int) -> dict:
+    try:
+        record = json.loads(line)
+    except ValueError as err:
+        raise MetricsError(f"{path}:{number}: not a JSON record ({err}): {line[:80]!r}") from None
+    if not isinstance(record, dict):
+        raise MetricsError(f"{path}:{number}: a JSON {type(record).__name__}, not a record: {line[:80]!r}")
+    return record
+
+
 def read_metrics(path: Path, kind: str | None = None) -> list[dict]:
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a JSONL metrics file (of one `kind`), in file order. A torn last line
+    (its writer killed mid-record) is skipped with a warning on stderr; any other line that is
+    not a JSON object raises MetricsError naming the file and the line."""
+    path = Path(path)
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as err:
+        raise MetricsError(f"{path}: cannot read ({err.strerror})") from err
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(_parse(line, path, number))
+        except MetricsError:
+            if number < len(lines):
+                raise
+            print(f"warning: {path}:{number}: torn last line ({len(line)} bytes, no newline) skipped", file=sys.stderr)
     return [r for r in records if kind is None or r.get("kind") == kind]

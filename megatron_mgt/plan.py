@@ -6,17 +6,29 @@ Nothing here needs a GPU. Parameters are counted exactly by building the model o
 `meta` device (shapes, no storage); activation memory is measured the same way, from the
 tensors autograd saves for backward during one meta forward of a block (and of the
 head + loss), so a change to the model changes the plan without a formula to update.
+With a fused attention kernel (flash-attn, SDPA's flash / memory-efficient backends) the
+meta forward runs attention through `_FusedAttention`, which saves what those kernels keep
+for backward (q, k, v, out and the fp32 log-sum-exp [B, H, T]) instead of the [B, H, T, T]
+softmax of the math path: the attention matrix is identified by the op, never by shape.
 
 Memory model per GPU of stage s (p stages, m micro-batches, dp data-parallel replicas):
 
 - weights      n_s * 2 B (bf16) or 4 B (fp32)
-- gradients    n_s * 4 B (fp32 accumulation, as DeepSpeed's bf16 optimizer keeps them)
+- gradients    n_s * 4 B fp32 accumulation buffer (DeepSpeed's BF16_Optimizer under
+               data_types.grad_accum_dtype=fp32), + n_s * 2 B bf16 .grad with bf16 weights
 - optimizer    n_s * 12 B / dp: AdamW fp32 master copy + m + v, ZeRO-1 sharded over dp
 - activations  1F1B keeps min(p - s, m) micro-batches in flight on stage s (stage 0: p).
                Without activation checkpointing each holds every block's saved tensors;
                with it (every k blocks), each holds the input of every k-th block, plus
                k blocks' full sets while they are recomputed.
 - reserve      CUDA context, NCCL buffers, allocator fragmentation (default 4 GB)
+
+When a stage does not fit, the plan names it and the activation checkpointing interval k
+whose fullest stage is smallest, k = argmin_k max_s [in_flight_s ceil(n_s / k) input + k block]
+(the recompute is one extra forward of every block whatever k is). A training checkpoint
+holds every weight in the model dtype (the tied matrix once) + the fp32 master, m and v
+(12 B per parameter, sharded over dp, written in full); its write time is its size over an
+aggregate file-system bandwidth (--ckpt-write-gbps).
 
 With tied embeddings, the first and the last stage each hold a copy of the tied matrix
 (DeepSpeed's TiedLayerSpec); the total parameter count counts it once.
@@ -25,8 +37,10 @@ With tied embeddings, the first and the last stage each hold a copy of the tied 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from dataclasses import asdict, dataclass, field
+from unittest import mock
 
 import torch
 from torch import nn
@@ -35,11 +49,11 @@ from megatron_mgt.config import Config, ConfigError, load_config
 from megatron_mgt.engine.dist import bf16_enabled
 from megatron_mgt.engine.partition import layer_costs, partition_balanced
 from megatron_mgt.flops import matmul_params
-from megatron_mgt.model import Transformer, lm_loss
+from megatron_mgt.model import Transformer, attention, lm_loss
 
 GB = 1e9
 ADAM_STATE_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
-GRAD_BYTES = 4
+GRAD_ACCUM_BYTES = 4  # fp32 accumulation buffer
 
 
 @dataclass
@@ -54,6 +68,7 @@ class Cluster:
     activation_checkpoint_interval: int = 0  # 0: off; k: keep every k-th block input, recompute k blocks
     flash_attention: bool = True  # no T x T attention matrix kept (flash-attn / fused SDPA)
     reserve_gb: float = 4.0
+    ckpt_write_gbps: float = 2.0  # aggregate file-system write bandwidth, GB/s
 
     @property
     def gpus(self) -> int:
@@ -91,6 +106,12 @@ class Plan:
     partition: str
     layer_activation_mb: float  # one block, one micro-batch, every saved tensor
     layer_input_mb: float  # what a checkpointed block keeps
+    head_activation_mb: float = 0.0  # head + loss, one micro-batch
+    checkpoint_gb: float = 0.0  # one training checkpoint, all ranks together
+    checkpoint_write_s: float = 0.0  # at cluster.ckpt_write_gbps
+    over: list[int] = field(default_factory=list)  # stages above the GPU memory
+    advice_interval: int = 0  # when a stage is over: the checkpointing interval with the smallest fullest stage
+    advice_total_gb: float = 0.0  # that fullest stage
     stages: list[Stage] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
@@ -129,25 +150,49 @@ def _own_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def saved_bytes(run, seq_len: int, drop_attention_matrix: bool) -> int:
+class _FusedAttention(torch.autograd.Function):
+    """`attention.causal_attention` as a fused kernel on meta tensors: out = softmax(q k^T /
+    sqrt(D), causal) v (its shape), saving what flash-attn and SDPA flash keep for backward:
+    q, k, v, out [B, T, H, D] and the fp32 log-sum-exp [B, H, T]."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kernel="auto"):
+        out = torch.empty_like(q)
+        b, t, h, _ = q.shape
+        ctx.save_for_backward(q, k, v, out, q.new_empty(b, h, t, dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # the plan runs forward only
+        raise NotImplementedError
+
+
+def saved_bytes(run, fused_attention: bool) -> int:
     """Bytes of the tensors autograd keeps for backward while `run()` executes on meta
     tensors. Parameters and views of parameters are not activations; several views of one
-    tensor count once (by base); the T x T attention matrix is dropped when a fused kernel
-    (flash-attn) would not keep it."""
+    tensor count once (by base). With `fused_attention` attention saves what a fused kernel
+    keeps (`_FusedAttention`), else what SDPA's math path keeps (the T x T softmax too)."""
     seen: dict[int, torch.Tensor] = {}
 
     def pack(t: torch.Tensor):
         base = t._base if t._base is not None else t
-        if isinstance(base, nn.Parameter):
-            return t
-        if drop_attention_matrix and t.dim() >= 2 and t.shape[-1] == seq_len and t.shape[-2] == seq_len:
-            return t
-        seen.setdefault(id(base), base)
+        if not isinstance(base, nn.Parameter):
+            seen.setdefault(id(base), base)
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    kernel = mock.patch.object(attention, "causal_attention", _FusedAttention.apply) if fused_attention else contextlib.nullcontext()
+    with kernel, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
     return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def stage_activations(in_flight: int, n_blocks: int, interval: int, block: int, block_input: int, head: int) -> int:
+    """Activation bytes of one stage: in_flight micro-batches x n_blocks blocks' saved tensors,
+    or with checkpointing every k blocks in_flight x ceil(n_blocks / k) block inputs + the k
+    blocks being recomputed; + the head's when the stage holds it (one micro-batch)."""
+    k = min(interval, n_blocks)
+    body = in_flight * -(-n_blocks // k) * block_input + k * block if k else in_flight * n_blocks * block
+    return body + head
 
 
 def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
@@ -183,32 +228,34 @@ def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
     bounds, partition = split_items(cfg, counts, p)
 
     # Activations: one block and the head + loss, one micro-batch, measured on meta.
-    drop_tt = cluster.flash_attention
+    fused = cluster.flash_attention
     block = model.layers["0"]
     x = torch.empty(mbs, seq, m_cfg.d_model, device="meta", dtype=dtype, requires_grad=True)
-    layer_act = saved_bytes(lambda: block(x), seq, drop_tt)
+    layer_act = saved_bytes(lambda: block(x), fused)
     targets = torch.zeros(mbs, seq, device="meta", dtype=torch.long)
-    head_act = saved_bytes(lambda: lm_loss(model.head(model.norm(x)), targets), seq, drop_tt)
+    head_act = saved_bytes(lambda: lm_loss(model.head(model.norm(x)), targets), fused)
     layer_input = x.numel() * x.element_size()
 
-    stages = []
+    grad_bytes = GRAD_ACCUM_BYTES + (wbytes if bf16 else 0)
+    parts = []  # per stage: items, parameters, blocks, micro-batches in flight (1F1B: p - s), head activations
     for s in range(p):
         items = names[bounds[s] : bounds[s + 1]]
-        n_s = sum(counts[bounds[s] : bounds[s + 1]])
         n_blocks = sum(1 for it in items if it.startswith("layers."))
-        in_flight = min(p - s, micro)
-        k = min(cluster.activation_checkpoint_interval, n_blocks)
-        if k:  # keep the input of every k-th block; recompute k blocks at a time
-            act = in_flight * -(-n_blocks // k) * layer_input + k * layer_act
-        else:
-            act = in_flight * n_blocks * layer_act
-        if "head" in items:
-            act += head_act  # the last stage finishes a micro-batch before it starts the next
-        weights, grads, optim = n_s * wbytes, n_s * GRAD_BYTES, n_s * ADAM_STATE_BYTES / dp
+        parts.append((items, sum(counts[bounds[s] : bounds[s + 1]]), n_blocks, min(p - s, micro), head_act if "head" in items else 0))
+
+    def stage(s: int, interval: int) -> Stage:
+        items, n_s, n_blocks, in_flight, head = parts[s]
+        weights, grads, optim = n_s * wbytes, n_s * grad_bytes, n_s * ADAM_STATE_BYTES / dp
+        act = stage_activations(in_flight, n_blocks, interval, layer_act, layer_input, head)
         total_gb = (weights + grads + optim + act) / GB + cluster.reserve_gb
-        stages.append(
-            Stage(s, items, n_s, weights / GB, grads / GB, optim / GB, in_flight, act / GB, total_gb, total_gb <= cluster.gpu_mem_gb)
-        )
+        return Stage(s, items, n_s, weights / GB, grads / GB, optim / GB, in_flight, act / GB, total_gb, total_gb <= cluster.gpu_mem_gb)
+
+    stages = [stage(s, cluster.activation_checkpoint_interval) for s in range(p)]
+    over = [st.index for st in stages if not st.fits]
+    advice, advice_gb = 0, 0.0
+    if over:
+        advice_gb, advice = min((max(stage(s, k).total_gb for s in range(p)), k) for k in range(1, max(pt[2] for pt in parts) + 1))
+    ckpt = total * (wbytes + ADAM_STATE_BYTES)
     return Plan(
         preset=preset,
         total_params=total,
@@ -225,6 +272,12 @@ def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
         partition=partition,
         layer_activation_mb=layer_act / 1e6,
         layer_input_mb=layer_input / 1e6,
+        head_activation_mb=head_act / 1e6,
+        checkpoint_gb=ckpt / GB,
+        checkpoint_write_s=ckpt / GB / cluster.ckpt_write_gbps,
+        over=over,
+        advice_interval=advice,
+        advice_total_gb=advice_gb,
         stages=stages,
         problems=problems,
     )
@@ -266,11 +319,23 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"(total includes a {c.reserve_gb:g} GB reserve for CUDA context, NCCL buffers and fragmentation)")
     for problem in plan.problems:
         lines.append(f"problem: {problem}")
+    per_param = 2 if plan.param_dtype == "bf16" else 4
+    lines.append(
+        f"checkpoint  {plan.checkpoint_gb:.1f} GB ({plan.param_dtype} weights + fp32 master, m, v: {per_param} + 12 B/parameter), "
+        f"~{plan.checkpoint_write_s:.0f} s to write at {c.ckpt_write_gbps:g} GB/s aggregate (--ckpt-write-gbps)"
+    )
     worst = max(plan.stages, key=lambda s: s.total_gb)
     verdict = "FITS" if plan.fits else "DOES NOT FIT"
     lines.append(f"verdict     {verdict}: the fullest stage ({worst.index}) needs {worst.total_gb:.1f} of {c.gpu_mem_gb:g} GB")
-    if not plan.fits and not c.activation_checkpoint_interval:
-        lines.append("            (try --activation-checkpoint-interval 1, more pipeline stages, or a larger dp for the optimizer shards)")
+    if plan.over:
+        over = ", ".join(f"{s.index} ({s.total_gb:.1f} GB)" for s in plan.stages if not s.fits)
+        lines.append(f"over        stage(s) above {c.gpu_mem_gb:g} GB: {over}")
+        fits = plan.advice_total_gb <= c.gpu_mem_gb
+        lines.append(
+            f"advice      --activation-checkpoint-interval {plan.advice_interval} (parallel.activation_checkpoint_interval): "
+            f"fullest stage {plan.advice_total_gb:.1f} GB, {'fits' if fits else 'still does not fit'}"
+            + ("" if fits else "; add pipeline stages or data-parallel replicas (optimizer shards)")
+        )
     return "\n".join(lines)
 
 
@@ -295,6 +360,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     ap.add_argument("--flash-attention", action=argparse.BooleanOptionalAction, default=True, help="fused attention keeps no T x T matrix")
     ap.add_argument("--reserve-gb", type=float, default=4.0)
+    ap.add_argument(
+        "--ckpt-write-gbps", type=float, default=2.0, help="aggregate file-system write bandwidth for the checkpoint time (GB/s)"
+    )
     ap.add_argument("--json", action="store_true", help="print the plan as JSON")
     return ap
 
@@ -322,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             activation_checkpoint_interval=ckpt,
             flash_attention=args.flash_attention,
             reserve_gb=args.reserve_gb,
+            ckpt_write_gbps=args.ckpt_write_gbps,
         )
         plan = build_plan(cfg, cluster, args.preset)
     except (ConfigError, ValueError) as err:

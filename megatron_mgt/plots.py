@@ -50,9 +50,10 @@ def plot_loss_curves(
     markers: Mapping[str, Sequence[tuple[int, float]]] | None = None,
     dashed: Callable[[str], bool] = lambda name: False,
     logy: bool = False,
+    xlabel: str = "step",
 ) -> None:
     """One labelled line per series (e.g. "train", "valid") of (step, value) points against
-    step; `markers[name]` (step, value) points are drawn as x in that series' colour. A
+    step (or `xlabel`); `markers[name]` (step, value) points are drawn as x in that series' colour. A
     series `dashed(name)` selects is drawn dashed in the colour of the series before it."""
     fig = _new_figure()
     ax = fig.add_subplot()
@@ -69,7 +70,7 @@ def plot_loss_curves(
             ax.scatter(*zip(*marks, strict=True), marker="x", s=60, color=line.get_color(), zorder=3)
     if logy:
         ax.set_yscale("log")
-    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
@@ -148,6 +149,7 @@ def plot_series_vs_x(
     xlabel: str,
     ylabel: str,
     logx: bool = False,
+    logy: bool = False,
 ) -> None:
     """One line per series of (x, mean, spread) points, spread drawn as error bars (0 or NaN: none)."""
     fig = _new_figure()
@@ -160,6 +162,8 @@ def plot_series_vs_x(
         ax.errorbar(x, y, yerr=np.nan_to_num(err), label=name, marker="o", markersize=4, capsize=3, linewidth=1.2)
     if logx:
         ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     if ax.lines:

@@ -4,7 +4,8 @@
 
 The loop does not know which engine runs the step. It owns the data position, the
 schedule of evaluation and checkpoints, the stop conditions (max_steps, exit_at_step,
-exit_after_minutes, SIGTERM/SIGUSR1, a non-finite loss) and the metrics.
+exit_after_minutes, SIGTERM/SIGUSR1/SIGINT, a non-finite loss) and the metrics. A run holds
+an exclusive lock on its run directory (checkpoint.RunLock) for its whole life.
 
 With several processes (torchrun / deepspeed / srun set RANK, WORLD_SIZE, ...) every rank
 runs this loop: the loader reads its data-parallel slice, stop decisions are agreed by all
@@ -27,19 +28,21 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from megatron_mgt.checkpoint import Checkpointer, find_checkpoint
+from megatron_mgt.checkpoint import Checkpointer, RunLock, RunLockedError, find_checkpoint, remove_stale_temps, write_text_atomic
 from megatron_mgt.config import Config, ConfigError, load_config, to_dict
+from megatron_mgt.data.indexed import IndexedDataset
 from megatron_mgt.data.loader import TokenBatchLoader, check_token_ids, eval_batches
 from megatron_mgt.engine import build_engine
 from megatron_mgt.engine.base import StepResult
-from megatron_mgt.engine.dist import all_max, resolve_device
+from megatron_mgt.engine.dist import all_max, resolve_device, use_bf16
 from megatron_mgt.flops import device_peak_flops, flops_per_token, matmul_params
 from megatron_mgt.metrics import MetricsLog, NullLog
 from megatron_mgt.model import Transformer
+from megatron_mgt.model.attention import kernel_description
 from megatron_mgt.stability import StabilityMonitor
 from megatron_mgt.telemetry import GeometryTelemetry
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,8 +73,18 @@ def check_tokenizer(cfg: Config) -> None:
         raise ConfigError(f"data.tokenizer {path} has {vocab} pieces but model.vocab_size={cfg.model.vocab_size}")
 
 
+def check_shards(cfg: Config) -> None:
+    """Every token id of every configured shard must index the model's embedding, checked
+    at start: a shard of another tokenizer fails here, not at its first evaluation."""
+    for prefix in (cfg.data.train_prefix, cfg.data.valid_prefix, cfg.data.test_prefix):
+        if prefix:
+            tokens = IndexedDataset(prefix).tokens
+            check_token_ids(torch.tensor([int(tokens.max()) if tokens.size else -1]), cfg.model.vocab_size, prefix)
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1; the loop checkpoints and exits at the next step boundary."""
+    """Set by SIGTERM/SIGUSR1/SIGINT; the loop checkpoints and exits at the next step
+    boundary. A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -83,6 +96,8 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT == self.signum:
+            raise KeyboardInterrupt
         self.signum = signum
 
     def __exit__(self, *exc) -> None:
@@ -122,11 +137,30 @@ def train(cfg: Config) -> TrainResult:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     check_tokenizer(cfg)
+    check_shards(cfg)
     engine = build_engine(cfg, resolve_device(cfg.train.device))
+    lock = RunLock(Path(cfg.train.run_dir)) if engine.is_main else None
     try:
+        lock_run(lock, engine)
         return Trainer(cfg, engine, t_start).run()
     finally:
+        if lock is not None:
+            lock.release()
         engine.close()
+
+
+def lock_run(lock: RunLock | None, engine) -> None:
+    """Take the run lock (the main rank holds it); every rank raises when it is taken."""
+    error = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunLockedError as err:
+            error = err
+    if engine.world_size > 1 and engine.any_rank(error is not None) and error is None:
+        error = RunLockedError("the run directory is locked by another trainer (rank 0 names it)")
+    if error is not None:
+        raise error
 
 
 class Trainer:
@@ -141,25 +175,41 @@ class Trainer:
         self.monitor = StabilityMonitor(cfg.stability) if cfg.stability.enabled else None
         self.gate = self.monitor.gate if self.monitor is not None and cfg.stability.response == "skip" else None
         self.ckpt = Checkpointer(self.run_dir / "checkpoints", engine, self.loader, self.monitor, to_dict(cfg), keep=tc.keep_checkpoints)
-        self.step, self.train_seconds = 0, 0.0  # train_seconds: wall time inside train steps, over every restart
-        resume_from = find_checkpoint(self.ckpt.root, tc.resume)
-        if resume_from is not None:
-            state = self.ckpt.restore(resume_from)
-            self.step, self.train_seconds = state["step"], state.get("train_seconds", 0.0)
-        if engine.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.log = MetricsLog(self.run_dir, cfg, str(engine.device)) if engine.is_main else NullLog()
-        if resume_from is not None:
-            self.log.log({"kind": "event", "step": self.step, "event": "resumed", "checkpoint": str(resume_from), "rank_state": state["rank_state"]})
+        notes = {"removed_temps": remove_stale_temps(self.ckpt.root) if engine.is_main else [], "rejected_checkpoints": []}
+        m, dtype = cfg.model, torch.bfloat16 if use_bf16(cfg, engine.device) else torch.float32
+        notes["attention_kernel"] = kernel_description(m.d_model // m.n_heads, m.attention_kernel, engine.device, dtype, m.n_heads)  # in the first event
+        resume_from = find_checkpoint(self.ckpt.root, tc.resume, warn=notes["rejected_checkpoints"].append)
+        state = self.ckpt.restore(resume_from) if resume_from is not None else {}
+        self.step, self.train_seconds = state.get("step", 0), state.get("train_seconds", 0.0)  # train_seconds: inside train steps, over every restart
+        self.log = self.open_run(resume_from, state, notes) if engine.is_main else NullLog()
         self.telemetry = GeometryTelemetry(cfg, engine, self.log)
         self.tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * cfg.data.seq_len * engine.dp_size  # global
         self.step_flops = flops_per_token(cfg.model, model_matmul_params(cfg), cfg.data.seq_len) * self.tokens_per_step
         peak = device_peak_flops(engine.device)  # per device; every rank measures at once (CPU: its share)
         self.peak = peak * engine.world_size if peak else None  # MFU per device = achieved / (per-device peak x devices)
         self.window_time, self.window_steps = 0.0, 0
-        self.saved: str | None = None
+        self.saved = str(resume_from) if resume_from is not None else None
         self.fresh = resume_from is None
+
+    def open_run(self, resume_from: Path | None, state: dict, notes: dict) -> MetricsLog:
+        """config.yaml (this run's config under one comment line per resume that changed it),
+        the metrics log (torn line dropped, steps after the checkpoint superseded) and a
+        first event with what start-up found: config changes, damaged checkpoints, stale temps."""
+        changes, path = state.get("changes", []), self.run_dir / "config.yaml"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        history = [line for line in path.read_text().splitlines() if line.startswith("#")] if path.is_file() else []
+        if changes:
+            history.append(f"# step {self.step}, resumed from {resume_from}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes))
+        write_text_atomic(path, "".join(f"{line}\n" for line in history) + yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        log = MetricsLog(self.run_dir, self.cfg, str(self.engine.device), self.step if resume_from is not None else None)
+        for message in notes["rejected_checkpoints"]:
+            print(f"mgt-train: warning: {message}", file=sys.stderr)
+        event = {"kind": "event", "step": self.step, "event": "started", **notes, **log.repairs}
+        if resume_from is not None:
+            changed = [{"key": k, "old": a, "new": b} for k, a, b in changes]
+            event.update(event="resumed", checkpoint=str(resume_from), rank_state=state["rank_state"], config_changes=changed)
+        log.log(event)
+        return log
 
     def run(self) -> TrainResult:
         tc, status, last_loss, valid_loss = self.tc, "finished", float("nan"), None
@@ -199,14 +249,9 @@ class Trainer:
             self.log.close()
         return TrainResult(status=status, step=self.step, last_loss=last_loss, valid_loss=valid_loss, checkpoint=self.saved, main=self.engine.is_main)
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = self.loader.next_batch()
-        check_token_ids(torch.stack([inputs.max(), targets.max()]), self.cfg.model.vocab_size, self.cfg.data.train_prefix)
-        return inputs, targets
-
     def train_step(self) -> StepResult:
         t0 = time.perf_counter()
-        out = self.engine.train_step([self.next_batch() for _ in range(self.tc.grad_accum_steps)], gate=self.gate)
+        out = self.engine.train_step([self.loader.next_batch() for _ in range(self.tc.grad_accum_steps)], gate=self.gate)
         elapsed = time.perf_counter() - t0
         self.window_time += elapsed
         self.window_steps += 1
@@ -284,13 +329,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(preset, overrides)
         result = train(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"mgt-train: error: {err}", file=sys.stderr)
-        return 2
     except TrainingDiverged as err:
         print(f"mgt-train: training diverged: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("mgt-train: interrupted by a second SIGINT: stopped at once; the last complete checkpoint is intact", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (RunLockedError, OSError, ValueError) as err:  # ConfigError, CheckpointError, MetricsError are ValueErrors
+        print(f"mgt-train: error: {err}", file=sys.stderr)
+        return 2
     if not result.main:
+        return 0
+    if math.isnan(result.last_loss):  # no step ran: the checkpoint was already at max_steps
+        print(f"mgt-train: {result.status} at step {result.step}: nothing left to train (train.max_steps={cfg.train.max_steps}), checkpoint {result.checkpoint}")
         return 0
     msg = f"mgt-train: {result.status} at step {result.step}, train loss {result.last_loss:.4f}"
     if result.valid_loss is not None:

@@ -7,10 +7,12 @@
 #SBATCH --exclusive
 #SBATCH --mem=0
 #SBATCH --time=24:00:00
-#SBATCH --signal=B:USR1@120
+#SBATCH --signal=B:USR1@420
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%j.out
+# USR1 420 s before the limit: mgt-plan puts a 200-layer checkpoint at ~190 GB, ~95 s at 2 GB/s;
+# the margin covers the step in flight, the barriers and the requeue.
 #
 # The 200-layer MGT pretraining job: 2 nodes x 8 GPUs, one task per GPU, an 8-stage
 # DeepSpeed pipeline x 2 data-parallel replicas (configs/mgt_200l.yaml).

@@ -7,10 +7,12 @@
 #SBATCH --exclusive
 #SBATCH --mem=0
 #SBATCH --time=24:00:00
-#SBATCH --signal=B:USR1@120
+#SBATCH --signal=B:USR1@420
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%A_%a.out
+# USR1 420 s before the limit: mgt-plan puts a 200-layer checkpoint at ~190 GB, ~95 s at 2 GB/s;
+# the margin covers the step in flight, the barriers and the requeue.
 #
 # WikiText-103 long-horizon stability study: a Slurm job array, one task per
 # (variant, depth, seed) of the array file, each on one 8-GPU node (docs/WIKITEXT.md).

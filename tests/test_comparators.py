@@ -3,37 +3,16 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import B, D, T, V, make_sublayer, pipeline_stages, randomise_, tiny_config, tokens
 
-from megatron_mgt.config import ConfigError, ModelConfig, NStreamMHCConfig, Rank1DDLConfig, load_config
+from megatron_mgt.config import ConfigError, NStreamMHCConfig, Rank1DDLConfig, load_config
 from megatron_mgt.model import RESIDUAL_RULES, Transformer, capture_geometry, lm_loss
 from megatron_mgt.model.residual import NStreamMHC, Rank1Delta, sinkhorn
-
-V, D, HEADS, T, B = 64, 32, 2, 16, 2
-
-
-def tiny(residual: str, n_layers: int = 3, **kw) -> ModelConfig:
-    return ModelConfig(vocab_size=V, d_model=D, n_layers=n_layers, n_heads=HEADS, max_seq_len=T, residual=residual, **kw)
-
-
-def tokens(seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, V, (B, T + 1), generator=torch.Generator().manual_seed(seed))
-
-
-def make_sublayer(gen: torch.Generator, scale: float = 1.0):
-    w1 = torch.randn(D, 2 * D, generator=gen) / math.sqrt(D)
-    w2 = torch.randn(2 * D, D, generator=gen) * scale / math.sqrt(2 * D)
-    return lambda h: torch.tanh(h @ w1) @ w2
-
-
-def randomise_(tensor: torch.Tensor, gen: torch.Generator, scale: float = 1.0, shift: float = 0.0) -> None:
-    with torch.no_grad():
-        tensor.copy_(torch.randn(tensor.shape, generator=gen) * scale + shift)
 
 
 def layer_norm(rule, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +56,7 @@ def test_sinkhorn_in_fp32_from_bf16_logits():
 @pytest.mark.parametrize("value_input", ["x", "ln"])
 def test_rank1_update_matches_formula(value_input):
     gen = torch.Generator().manual_seed(3)
-    cfg = tiny("ddl_rank1", ddl_rank1=Rank1DDLConfig(beta_init=0.7, value_input=value_input))
+    cfg = tiny_config("ddl_rank1", n_layers=3, ddl_rank1=Rank1DDLConfig(beta_init=0.7, value_input=value_input))
     rule = RESIDUAL_RULES["ddl_rank1"](cfg)
     assert isinstance(rule, Rank1Delta)
     randomise_(rule.norm.weight, gen, 0.5, 1.0)
@@ -86,7 +65,7 @@ def test_rank1_update_matches_formula(value_input):
     randomise_(rule.gate.bias, gen, 0.5)
     randomise_(rule.value.weight, gen, 0.3)
     randomise_(rule.value.bias, gen, 0.5)
-    sublayer = make_sublayer(gen)
+    sublayer, _ = make_sublayer(gen)
     x = torch.randn(B, T, D, generator=gen) * 2.5 + 0.7
     got = rule(x, sublayer).detach()
 
@@ -108,7 +87,7 @@ def test_rank1_update_matches_formula(value_input):
 
 def test_rank1_beta_in_open_interval_and_beta_init():
     gen = torch.Generator().manual_seed(4)
-    rule = Rank1Delta(tiny("ddl_rank1", ddl_rank1=Rank1DDLConfig(beta_init=0.37)))
+    rule = Rank1Delta(tiny_config("ddl_rank1", n_layers=3, ddl_rank1=Rank1DDLConfig(beta_init=0.37)))
     c = torch.randn(8, T, D, generator=gen) * 3
     beta0 = rule.beta(c)
     assert beta0.dtype == torch.float32 and beta0.shape == (8, T, 1)
@@ -124,9 +103,9 @@ def test_rank1_near_identity_at_init():
     """v = 0 at init, so x' - x = -beta0 k (k.x): per token |x' - x| / |x| = beta0 |cos(k, x)| <= beta0."""
     gen = torch.Generator().manual_seed(5)
     beta0 = 0.1
-    rule = Rank1Delta(tiny("ddl_rank1", ddl_rank1=Rank1DDLConfig(beta_init=beta0)))
+    rule = Rank1Delta(tiny_config("ddl_rank1", n_layers=3, ddl_rank1=Rank1DDLConfig(beta_init=beta0)))
     x = torch.randn(B, T, D, generator=gen) + 0.5
-    sublayer = make_sublayer(gen)
+    sublayer, _ = make_sublayer(gen)
     with torch.no_grad():
         out = rule(x, sublayer)
         f = sublayer(rule.norm(x))
@@ -142,14 +121,14 @@ def test_rank1_near_identity_at_init():
 def test_nstream_update_matches_formula():
     gen = torch.Generator().manual_seed(6)
     n = 3
-    cfg = tiny("mhc_nstream", mhc_streams=n, mhc_nstream=NStreamMHCConfig(gate_init=0.5, res_diag_init=0.8))
+    cfg = tiny_config("mhc_nstream", n_layers=3, mhc_streams=n, mhc_nstream=NStreamMHCConfig(gate_init=0.5, res_diag_init=0.8))
     rule = RESIDUAL_RULES["mhc_nstream"](cfg)
     assert isinstance(rule, NStreamMHC)
     randomise_(rule.norm.weight, gen, 0.5, 1.0)
     randomise_(rule.norm.bias, gen, 0.3)
     for bias in (rule.b_pre, rule.b_post, rule.b_res):
         randomise_(bias, gen, 0.5)
-    sublayer = make_sublayer(gen)
+    sublayer, _ = make_sublayer(gen)
     x = torch.randn(B, T, n * D, generator=gen) * 2.0 + 0.3
     got = rule(x, sublayer).detach()
     assert got.shape == x.shape
@@ -176,7 +155,7 @@ def test_nstream_update_matches_formula():
 
 
 def test_nstream_mappings_at_init():
-    cfg = tiny("mhc_nstream")  # n = 4, gate_init 0.01, res_diag_init 0.95
+    cfg = tiny_config("mhc_nstream", n_layers=3)  # n = 4, gate_init 0.01, res_diag_init 0.95
     rule = NStreamMHC(cfg)
     n = cfg.mhc_streams
     assert n == 4 and rule.a_pre.item() == rule.a_post.item() == rule.a_res.item() == pytest.approx(0.01)
@@ -197,7 +176,7 @@ def test_nstream_mappings_at_init():
 def test_nstream_gate_parameters_have_no_weight_decay():
     from megatron_mgt.engine.optim import param_groups
 
-    rule = NStreamMHC(tiny("mhc_nstream"))
+    rule = NStreamMHC(tiny_config("mhc_nstream", n_layers=3))
     decay, no_decay = (set(map(id, g["params"])) for g in param_groups(rule, 0.1))
     assert id(rule.phi.weight) in decay
     assert {id(p) for p in (rule.a_pre, rule.a_post, rule.a_res, rule.b_pre, rule.b_post, rule.b_res)} <= no_decay
@@ -207,7 +186,7 @@ def test_nstream_near_identity_at_init():
     """F = 0: x' - x = (H_res - I) x. At init H_res ~ p I + (1-p)/(n-1) (J - I), whose I - H_res
     has eigenvalues 0 (stream mean) and (1 - p) n/(n-1), so |x' - x| / |x| <= (1-p) n/(n-1) (+ the
     a = 0.01 perturbation); replicated streams (as after the embedding) do not move at all."""
-    cfg = tiny("mhc_nstream")
+    cfg = tiny_config("mhc_nstream", n_layers=3)
     rule = NStreamMHC(cfg)
     n, p = cfg.mhc_streams, cfg.mhc_nstream.res_diag_init
     zero = lambda h: torch.zeros_like(h)  # noqa: E731
@@ -230,8 +209,8 @@ def test_nstream_with_zero_gates_is_preln():
     """a = 0: H_pre = 1/n, H_post = 1, H_res doubly stochastic constant; replicated streams stay
     equal and each follows x + F(LN x): the logits equal preln's with the same weights."""
     torch.manual_seed(10)
-    preln = Transformer(tiny("preln")).eval()
-    nstream = Transformer(tiny("mhc_nstream", mhc_nstream=NStreamMHCConfig(gate_init=0.0))).eval()
+    preln = Transformer(tiny_config("preln", n_layers=3)).eval()
+    nstream = Transformer(tiny_config("mhc_nstream", n_layers=3, mhc_nstream=NStreamMHCConfig(gate_init=0.0))).eval()
     _copy_shared(preln, nstream)
     x = tokens()[:, :-1]
     with torch.no_grad():
@@ -241,11 +220,11 @@ def test_nstream_with_zero_gates_is_preln():
 def test_rank1_model_near_identity_and_nstream_close_to_preln_at_init():
     torch.manual_seed(11)
     x = tokens()[:, :-1]
-    rank1 = capture_geometry(Transformer(tiny("ddl_rank1")), x)
+    rank1 = capture_geometry(Transformer(tiny_config("ddl_rank1", n_layers=3)), x)
     ratios = torch.stack([s["update_ratio"] for s in rank1["sublayers"].values()])
     assert ratios.max() <= 0.1  # beta_init bounds every token's relative update, so the sequence's too
-    preln = Transformer(tiny("preln")).eval()
-    nstream = Transformer(tiny("mhc_nstream")).eval()
+    preln = Transformer(tiny_config("preln", n_layers=3)).eval()
+    nstream = Transformer(tiny_config("mhc_nstream", n_layers=3)).eval()
     _copy_shared(preln, nstream)
     a, b = capture_geometry(preln, x), capture_geometry(nstream, x)
     for name in a["sublayers"]:
@@ -258,7 +237,7 @@ def test_rank1_model_near_identity_and_nstream_close_to_preln_at_init():
 @pytest.mark.parametrize("residual", ["ddl_rank1", "mhc_nstream"])
 def test_depth48_finite_loss_and_gradients(residual):
     torch.manual_seed(0)
-    model = Transformer(tiny(residual, n_layers=48))
+    model = Transformer(tiny_config(residual, n_layers=48))
     batch = tokens()
     loss = lm_loss(model(batch[:, :-1]), batch[:, 1:])
     assert torch.isfinite(loss) and abs(loss.item() - math.log(V)) < 1.5
@@ -272,20 +251,14 @@ def test_nstream_hidden_states_and_pipeline_stages():
     """Reported hidden states are the stream mean [B, T, d]; the first stage (embedding)
     expands, the last (final norm) collapses, and the halves compose to the full model."""
     torch.manual_seed(12)
-    cfg = tiny("mhc_nstream", n_layers=4, mhc_nstream=NStreamMHCConfig(gate_init=0.3))
+    cfg = tiny_config("mhc_nstream", n_layers=4, mhc_nstream=NStreamMHCConfig(gate_init=0.3))
     model = Transformer(cfg).eval()
     x = tokens()[:, :-1]
     out = capture_geometry(model, x)
     assert len(out["hidden"]) == 5 and all(h.shape == (B, T, D) for h in out["hidden"])
     torch.testing.assert_close(out["hidden"][0], model.embed(x))
     torch.testing.assert_close(model.head(model.norm(out["hidden"][-1])), out["logits"])
-    first, last = copy.deepcopy(model), copy.deepcopy(model)
-    for i in range(2, 4):
-        del first.layers[str(i)]
-    first.norm = first.head = None
-    for i in range(2):
-        del last.layers[str(i)]
-    last.embed = None
+    first, last = pipeline_stages(model, 2)
     with torch.no_grad():
         mid = first(x)
         assert mid.shape == (B, T, cfg.mhc_streams * D)

@@ -4,23 +4,33 @@ name the key, cross-field validation, and every shipped preset loads."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import inspect
+import re
+import typing
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import yaml
 
 from megatron_mgt import config as C
-from megatron_mgt.config import Config, ConfigError, from_dict, load_config, to_dict, validate
+from megatron_mgt.config import (
+    Config,
+    ConfigError,
+    from_dict,
+    load_config,
+    merge,
+    override_text,
+    parse_override,
+    read_yaml,
+    to_dict,
+    validate,
+)
 from megatron_mgt.model.residual import RESIDUAL_RULES
 
 REPO = Path(__file__).resolve().parents[1]
-PRESETS = sorted(
-    p
-    for pattern in ("**/*.yaml", "**/*.yml")
-    for p in (REPO / "configs").glob(pattern)
-    if "deepspeed" not in p.relative_to(REPO / "configs").parts
-)
+CONFIGS = REPO / "configs"
+PRESETS = sorted(p for pattern in ("*.yaml", "*.yml") for p in CONFIGS.rglob(pattern))
 
 
 def write(path: Path, text: str) -> Path:
@@ -29,12 +39,107 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def test_defaults_validate():
-    cfg = load_config()
-    validate(cfg)
-    assert cfg == Config()
-    assert cfg.model.residual in C.RESIDUALS
-    assert cfg.data.seq_len <= cfg.model.max_seq_len
+def leaves(obj, prefix: str = ""):
+    """(dotted key, annotation, value) of every field of a config that is not itself a section."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", hints[f.name], value
+
+
+def flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in data.items():
+        out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def other_value(key: str, annotation, value):
+    """A value of the field's type that differs from `value`."""
+    if typing.get_origin(annotation) is Literal:
+        choices = typing.get_args(annotation)
+        return choices[(choices.index(value) + 1) % len(choices)]
+    if annotation is bool:
+        return not value
+    if annotation is int:
+        return value + 3
+    if annotation is float:
+        return value + 0.25
+    if annotation is str:
+        return f"{value}_x"
+    raise AssertionError(f"{key}: no test value for a field of type {annotation}; extend other_value in tests/test_config.py")
+
+
+def set_default(monkeypatch, cls: type, name: str, value) -> None:
+    """Make `value` the default of field `name` of dataclass `cls`, for every Config() built after."""
+    params = list(inspect.signature(cls.__init__).parameters)[1:]
+    defaults = list(cls.__init__.__defaults__)
+    defaults[params.index(name) - (len(params) - len(defaults))] = value
+    monkeypatch.setattr(cls.__init__, "__defaults__", tuple(defaults))
+
+
+BAD_DEFAULTS = [
+    (C.MGTConfig, "beta_init", 1.5, "model.mgt.beta_init"),  # outside (eps - lam, eps + lam)
+    (C.Rank1DDLConfig, "beta_init", 2.0, "model.ddl_rank1.beta_init"),
+    (C.ModelConfig, "n_heads", 3, "model.n_heads"),  # 256 is not divisible by 3
+    (C.ModelConfig, "residual", "pre_ln", "model.residual"),
+    (C.DataConfig, "seq_len", 512, "data.seq_len"),  # longer than model.max_seq_len
+    (C.StabilityConfig, "window", 1, "stability: window"),
+    (C.ParallelConfig, "partition_method", "greedy", "parallel.partition_method"),
+]
+
+
+def test_defaults_validate_and_validate_catches_a_bad_default(monkeypatch):
+    """Config() passes every cross-field check, and the same checks refuse it once one default is bad."""
+    validate(Config())
+    assert load_config() == Config()
+    for cls, name, bad, key in BAD_DEFAULTS:
+        with monkeypatch.context() as patch:
+            set_default(patch, cls, name, bad)
+            assert getattr(cls(), name) == bad
+            with pytest.raises(ConfigError, match=re.escape(key)):
+                validate(Config())
+            with pytest.raises(ConfigError, match=re.escape(key)):
+                load_config()
+    validate(Config())  # the defaults are back
+
+
+def test_every_field_takes_a_dotted_override():
+    """Each field, set alone by `key=value`, lands on that field with its type; the rest keep
+    their defaults. And every default written as an override reads back as itself."""
+    fields = list(leaves(Config()))
+    assert len(fields) > 50 and all("." in key for key, _, _ in fields)
+    default = flat(to_dict(Config()))
+    assert set(default) == {key for key, _, _ in fields}
+    for key, annotation, value in fields:
+        new = other_value(key, annotation, value)
+        assert new != value, key
+        cfg = Config()
+        merge(cfg, parse_override(override_text(key, new)))  # no validate(): one changed knob may break a cross-field rule
+        got = flat(to_dict(cfg))
+        assert got[key] == new and type(got[key]) is type(new), (key, got[key], new)
+        assert {k: v for k, v in got.items() if k != key} == {k: v for k, v in default.items() if k != key}, key
+    assert load_config(None, [override_text(key, value) for key, _, value in fields]) == Config()
+
+
+def test_config_round_trips_through_yaml(tmp_path):
+    """to_dict -> yaml.safe_dump -> a preset file -> the same Config: for the defaults (through
+    load_config) and for a config whose every field differs from its default (through merge)."""
+    path = tmp_path / "defaults.yaml"
+    path.write_text(yaml.safe_dump(to_dict(Config())))
+    assert load_config(path) == Config()
+    changed = Config()
+    for key, annotation, value in leaves(Config()):
+        merge(changed, parse_override(override_text(key, other_value(key, annotation, value))))
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(to_dict(changed)))
+    back = Config()
+    merge(back, read_yaml(path))
+    assert back == changed
+    assert all(a != b for a, b in zip(flat(to_dict(back)).values(), flat(to_dict(Config())).values(), strict=True))
 
 
 def test_residual_names_match_registry():
@@ -219,42 +324,50 @@ def test_preset_errors_are_config_errors(tmp_path):
         load_config(write(tmp_path / "bad.yaml", "model: [unclosed\n"))
 
 
-def test_every_field_has_a_default():
-    """Config() must be constructible from nothing; presets only override."""
-
-    def walk(obj):
-        for f in dataclasses.fields(obj):
-            assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name
-            value = getattr(obj, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value)
-
-    walk(Config())
+def preset_kind(path: Path) -> str:
+    """How a file under configs/ is loaded: configs/wt103/array_*.yaml are job arrays
+    (megatron_mgt.job_array.load_array); under configs/experiments/ a file with `experiment:` is
+    an experiment preset (experiments.common.load_experiment), one with `campaign:` a list of
+    experiment steps (mgt-experiment campaign), any other the training preset they inherit;
+    every other file is a training preset (load_config)."""
+    rel = path.relative_to(CONFIGS)
+    if rel.match("wt103/array_*.yaml"):
+        return "array"
+    if rel.parts[0] == "experiments":
+        spec = yaml.safe_load(path.read_text()) or {}
+        return "campaign" if "campaign" in spec else "experiment" if "experiment" in spec else "training"
+    return "training"
 
 
 def test_presets_exist():
-    assert PRESETS, "no YAML presets found under configs/"
+    kinds = {preset_kind(p) for p in PRESETS}
+    assert {"training", "experiment", "array"} <= kinds, f"presets under configs/: {sorted(kinds)}"
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=[str(p.relative_to(REPO / "configs")) for p in PRESETS])
-def test_shipped_preset_loads(preset):
-    spec = yaml.safe_load(preset.read_text())
-    if isinstance(spec, dict) and "presets" in spec:
-        # a job array (megatron_mgt/job_array.py): every run it lists must load
-        from megatron_mgt.job_array import load_array
+@pytest.mark.parametrize("preset", PRESETS, ids=[str(p.relative_to(CONFIGS)) for p in PRESETS])
+def test_shipped_preset_loads(preset, tmp_path):
+    """Every preset loads and validates the way its runner loads it, and each training config it
+    yields round-trips through YAML."""
+    from megatron_mgt.experiments.cli import EXPERIMENTS
+    from megatron_mgt.experiments.common import load_experiment
+    from megatron_mgt.job_array import load_array
 
-        assert load_array(preset)
-        return
-    if isinstance(spec, dict) and "experiment" in spec:
-        # an experiment preset (megatron_mgt/experiments): a different schema whose `base`
-        # names a training preset; both must load
-        assert spec.get("base"), f"{preset}: experiment preset without a base training preset"
-        cfg = load_config(preset.parent / spec["base"])
-        if importlib.util.find_spec("megatron_mgt.experiments.common") is not None:
-            from megatron_mgt.experiments.common import load_experiment
-
-            cfg = load_experiment(spec["experiment"], preset).base
+    kind, spec = preset_kind(preset), yaml.safe_load(preset.read_text()) or {}
+    if kind == "array":
+        runs = load_array(preset)  # validates every run
+        assert runs
+        configs = [load_config(run.preset, run.overrides) for run in runs]
+    elif kind == "experiment":
+        assert spec["experiment"] in EXPERIMENTS and spec.get("base"), f"{preset}: needs a known experiment and a base training preset"
+        configs = [load_experiment(spec["experiment"], preset).base]
+    elif kind == "campaign":
+        steps = spec["campaign"]
+        assert steps and all(step["experiment"] in EXPERIMENTS for step in steps), steps
+        configs = [load_experiment(s["experiment"], preset.parent / s["preset"], s.get("overrides", [])).base for s in steps]
     else:
-        cfg = load_config(preset)
-    assert isinstance(cfg, Config)
-    assert cfg.model.residual in RESIDUAL_RULES
+        configs = [load_config(preset)]
+    for cfg in configs:
+        assert isinstance(cfg, Config) and cfg.model.residual in RESIDUAL_RULES
+        dumped = tmp_path / "dumped.yaml"
+        dumped.write_text(yaml.safe_dump(to_dict(cfg)))
+        assert load_config(dumped) == cfg

@@ -365,8 +365,9 @@ def test_inspect(prepared: tuple[Path, PrepareResult]) -> None:
     assert summary.documents == 4 and summary.tokens == result.meta["valid"]["tokens"]
     assert summary.bin_bytes == 2 * summary.tokens
     assert summary.sample is not None and summary.sample.startswith("THE TRAGEDY OF KING RICHARD THE SECOND")
-    with pytest.raises(IndexError, match="sample index 9"):
+    with pytest.raises(ValueError, match=r"--sample 9 is out of range: .*valid holds 4 sequences \(0\.\.3\)"):
         inspect_shard(out / "valid", sample_index=9)
+    assert main(["inspect", str(out / "valid"), "--sample", "9"]) == 1  # a message, not an IndexError traceback
 
 
 def test_cli_tokenize_merge_inspect(prepared: tuple[Path, PrepareResult], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

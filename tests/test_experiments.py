@@ -207,3 +207,19 @@ def test_campaign_runs_its_steps_in_order(micro, capsys):
     campaign.write_text(yaml.safe_dump({"campaign": [{"experiment": "ablation"}]}))
     with pytest.raises(ConfigError, match="campaign step 0"):
         run_campaign(str(campaign))
+
+
+def test_report_only_chooses_no_lr_from_an_unfinished_sweep(micro, tmp_path):
+    from megatron_mgt.experiments import common
+
+    write_preset, _, root = micro
+    preset = write_preset("depth_scaling", {"variants": ["preln", "mgt"], "depths": [1], "seeds": [1, 2], "tuning": TUNING})
+    common.REPORT_ONLY = True
+    try:
+        results = run_experiment("depth_scaling", preset, pool=tmp_path / "empty_pool", out=tmp_path / "out")
+    finally:
+        common.REPORT_ONLY = False
+    assert not list((tmp_path / "empty_pool").glob("*/metrics.jsonl"))  # nothing trained
+    for sweep in results["lr_sweeps"]["1"].values():
+        assert sweep["complete"] is False and sweep["lr"] is None and sweep["results"] == []
+    assert all(row["label"] == "no finished run" and row["seeds"] == 0 for row in results["table"])

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import D, V, tiny_config
 from torch import nn
 
-from megatron_mgt.config import MGTConfig, ModelConfig
+from megatron_mgt.config import MGTConfig
 from megatron_mgt.flops import (
     cuda_peak_flops_from_name,
     device_peak_flops,
@@ -16,16 +17,12 @@ from megatron_mgt.flops import (
 )
 from megatron_mgt.model import Transformer
 
-V, D, L, H = 64, 32, 2, 2
+L = 2  # layers of the hand counts
 FF = 128  # SwiGLU default for d=32: int(8*32/3) = 85, rounded up to a multiple of 64
 
 
-def tiny(residual: str = "preln", **kw) -> ModelConfig:
-    return ModelConfig(vocab_size=V, d_model=D, n_layers=L, n_heads=H, max_seq_len=16, residual=residual, **kw)
-
-
 def test_ffn_dim_assumed_by_the_hand_count():
-    assert tiny().ffn_dim == FF
+    assert tiny_config("preln", n_layers=L).ffn_dim == FF
 
 
 @pytest.mark.parametrize(
@@ -43,13 +40,13 @@ def test_ffn_dim_assumed_by_the_hand_count():
 def test_matmul_params_hand_count(residual, knobs, extra_per_layer):
     # per layer: qkv 3d^2 + out d^2 + SwiGLU gate/up/down 3 d ff; head V d once
     expected = L * (4 * D * D + 3 * D * FF + extra_per_layer) + V * D
-    model = Transformer(tiny(residual, mgt=MGTConfig(**knobs)))
+    model = Transformer(tiny_config(residual, n_layers=L, mgt=MGTConfig(**knobs)))
     assert matmul_params(model) == expected
 
 
 def test_tied_head_counted_once_and_embedding_lookup_excluded():
-    tied = Transformer(tiny(tie_embeddings=True))
-    untied = Transformer(tiny(tie_embeddings=False))
+    tied = Transformer(tiny_config("preln", n_layers=L, tie_embeddings=True))
+    untied = Transformer(tiny_config("preln", n_layers=L, tie_embeddings=False))
     # the untied model holds one more V x d matrix (the embedding) ...
     n_tied = sum(p.numel() for p in tied.parameters())
     n_untied = sum(p.numel() for p in untied.parameters())
@@ -68,7 +65,7 @@ def test_shared_linear_weight_counted_once():
 
 
 def test_flops_per_token_hand_count():
-    cfg = tiny()
+    cfg = tiny_config("preln", n_layers=L)
     n = matmul_params(Transformer(cfg))
     assert n == 2 * (4 * 1024 + 3 * 32 * 128) + 64 * 32 == 34816
     # 6 * 34816 + 12 * L(2) * H(2) * d_head(16) * T(16)

@@ -170,7 +170,7 @@ def test_update_ratio() -> None:
 
 
 def test_layer_geometry_records_centering() -> None:
-    hidden = [torch.randn(2, 6, 4, generator=_gen(11 + l)) for l in range(3)]
+    hidden = [torch.randn(2, 6, 4, generator=_gen(11 + layer)) for layer in range(3)]
     for center in (False, True):
         out = geo.layer_geometry(hidden, center=center)
         assert out["centered"] is center

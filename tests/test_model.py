@@ -2,45 +2,17 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import HEADS, B, D, T, V, make_sublayer, pipeline_stages, randomise_, tiny_config, tokens
 
 from megatron_mgt.config import RESIDUALS, MGTConfig, ModelConfig
 from megatron_mgt.model import RESIDUAL_RULES, Transformer, capture_geometry, lm_loss
 from megatron_mgt.model.attention import apply_rope, causal_attention, rope_tables
 from megatron_mgt.model.residual import DeepNorm, GeometricResidual
-
-V, D, HEADS, T, B = 64, 32, 2, 16, 2
-
-
-def tiny(residual: str, n_layers: int = 4, **kw) -> ModelConfig:
-    return ModelConfig(vocab_size=V, d_model=D, n_layers=n_layers, n_heads=HEADS, max_seq_len=T, residual=residual, **kw)
-
-
-def tokens(seed: int = 0, batch: int = B) -> torch.Tensor:
-    return torch.randint(0, V, (batch, T + 1), generator=torch.Generator().manual_seed(seed))
-
-
-def randomise_(tensor: torch.Tensor, gen: torch.Generator, scale: float = 1.0, shift: float = 0.0) -> None:
-    with torch.no_grad():
-        tensor.copy_(torch.randn(tensor.shape, generator=gen) * scale + shift)
-
-
-def make_sublayer(gen: torch.Generator):
-    """A fixed nonlinear F: R^d -> R^d that remembers its last input."""
-    w1 = torch.randn(D, 2 * D, generator=gen) / math.sqrt(D)
-    w2 = torch.randn(2 * D, D, generator=gen) / math.sqrt(2 * D)
-    seen: list[torch.Tensor] = []
-
-    def sublayer(h: torch.Tensor) -> torch.Tensor:
-        seen.append(h)
-        return torch.tanh(h @ w1) @ w2
-
-    return sublayer, seen
 
 
 def stream(gen: torch.Generator) -> torch.Tensor:
@@ -54,7 +26,7 @@ def stream(gen: torch.Generator) -> torch.Tensor:
 @pytest.mark.parametrize("residual", RESIDUALS)
 def test_depth48_finite_loss_and_every_parameter_gets_gradient(residual):
     torch.manual_seed(0)
-    model = Transformer(tiny(residual, n_layers=48))
+    model = Transformer(tiny_config(residual, n_layers=48))
     batch = tokens()
     loss = lm_loss(model(batch[:, :-1]), batch[:, 1:])
     assert torch.isfinite(loss)
@@ -94,7 +66,7 @@ GEOMETRIC_CASES = [
 def test_geometric_update_matches_spec(residual, knobs):
     gen = torch.Generator().manual_seed(7)
     mgt = MGTConfig(lam=0.8, eps=0.3, beta_init=0.2, alpha_init=0.1, **knobs)
-    cfg = tiny(residual, mgt=mgt)
+    cfg = tiny_config(residual, n_layers=4, mgt=mgt)
     rule = RESIDUAL_RULES[residual](cfg)
     assert isinstance(rule, GeometricResidual)
     has_gate, has_delta = residual in ("mhc", "mgt"), residual in ("ddl", "mgt")
@@ -146,11 +118,11 @@ def test_preln_postln_deepnorm_formulas():
     x = stream(gen)
     sublayer, _ = make_sublayer(gen)
     for name in ("preln", "postln", "deepnorm"):
-        cfg = tiny(name, n_layers=6)
+        cfg = tiny_config(name, n_layers=6)
         rule = RESIDUAL_RULES[name](cfg)
         randomise_(rule.norm.weight, gen, 0.5, 1.0)
         randomise_(rule.norm.bias, gen, 0.3)
-        ln = lambda z: F.layer_norm(z, (D,), rule.norm.weight, rule.norm.bias, cfg.norm_eps)  # noqa: E731
+        ln = lambda z: F.layer_norm(z, (D,), rule.norm.weight, rule.norm.bias, cfg.norm_eps)  # noqa: E731, B023 (used in this iteration)
         if name == "preln":
             want = x + sublayer(ln(x))
         elif name == "postln":
@@ -168,7 +140,7 @@ def test_preln_postln_deepnorm_formulas():
 def test_beta_at_init_equals_beta_init(residual, granularity):
     torch.manual_seed(1)
     mgt = MGTConfig(lam=0.5, eps=0.1, beta_init=0.37, beta_granularity=granularity)
-    model = Transformer(tiny(residual, n_layers=3, mgt=mgt))
+    model = Transformer(tiny_config(residual, n_layers=3, mgt=mgt))
     out = capture_geometry(model, tokens()[:, :-1])
     betas = [s["beta"] for s in out["sublayers"].values()]
     assert len(betas) == 6
@@ -179,7 +151,7 @@ def test_beta_at_init_equals_beta_init(residual, granularity):
 @pytest.mark.parametrize("lam, eps", [(1.0, 0.0), (0.6, 0.5), (0.3, -0.2)])
 def test_beta_stays_inside_eps_pm_lam(lam, eps):
     gen = torch.Generator().manual_seed(5)
-    rule = RESIDUAL_RULES["mgt"](tiny("mgt", mgt=MGTConfig(lam=lam, eps=eps, beta_init=eps)))
+    rule = RESIDUAL_RULES["mgt"](tiny_config("mgt", n_layers=4, mgt=MGTConfig(lam=lam, eps=eps, beta_init=eps)))
     randomise_(rule.delta.proj.weight, gen, 3.0)  # large weights saturate tanh both ways
     randomise_(rule.delta.proj.bias, gen, 3.0)
     x = torch.randn(8, T, D, generator=gen) * 10
@@ -259,7 +231,7 @@ def test_rope_relative_position_and_norm():
 @pytest.mark.parametrize("residual", RESIDUALS)
 def test_causal_future_token_does_not_change_past_logits(residual):
     torch.manual_seed(4)
-    model = Transformer(tiny(residual, n_layers=3)).eval()
+    model = Transformer(tiny_config(residual, n_layers=3)).eval()
     a = tokens()[:, :-1]
     b = a.clone()
     j = 9
@@ -302,10 +274,10 @@ def test_flash_matches_sdpa():
 
 
 def test_tied_embeddings_share_storage_untied_do_not():
-    tied = Transformer(tiny("mgt", tie_embeddings=True))
+    tied = Transformer(tiny_config("mgt", n_layers=4, tie_embeddings=True))
     assert tied.head.weight is tied.embed.weight
     assert tied.head.weight.data_ptr() == tied.embed.weight.data_ptr()
-    untied = Transformer(tiny("mgt", tie_embeddings=False))
+    untied = Transformer(tiny_config("mgt", n_layers=4, tie_embeddings=False))
     assert untied.head.weight.data_ptr() != untied.embed.weight.data_ptr()
     with torch.no_grad():
         tied.embed.weight[0, 0] = 123.0
@@ -315,13 +287,13 @@ def test_tied_embeddings_share_storage_untied_do_not():
 @pytest.mark.parametrize("residual", ["mgt", "mhc_nstream"])
 def test_without_final_norm_the_head_reads_the_last_stream(residual):
     """model.final_norm=false (an open knob of the spec): no LayerNorm before the head."""
-    model = Transformer(tiny(residual, final_norm=False)).eval()
+    model = Transformer(tiny_config(residual, n_layers=4, final_norm=False)).eval()
     assert not any(k.startswith("norm.") for k in model.state_dict())
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
     hidden: list[torch.Tensor] = []
     logits = model(tokens, hidden=hidden)
     assert torch.allclose(logits, model.head(hidden[-1]), atol=1e-6)
-    with_norm = Transformer(tiny(residual)).eval()
+    with_norm = Transformer(tiny_config(residual, n_layers=4)).eval()
     assert torch.allclose(with_norm(tokens, hidden=(h := [])), with_norm.head(with_norm.norm(h[-1])), atol=1e-6)
     assert torch.isfinite(lm_loss(logits, tokens)).item()
 
@@ -330,14 +302,8 @@ def test_without_final_norm_the_head_reads_the_last_stream(residual):
 def test_pipeline_stages_compose_to_full_model(residual, tie):
     torch.manual_seed(8)
     layers, k = 5, 2
-    model = Transformer(tiny(residual, n_layers=layers, tie_embeddings=tie)).eval()
-    first, last = copy.deepcopy(model), copy.deepcopy(model)
-    for i in range(k, layers):
-        del first.layers[str(i)]
-    first.norm = first.head = None
-    for i in range(k):
-        del last.layers[str(i)]
-    last.embed = None
+    model = Transformer(tiny_config(residual, n_layers=layers, tie_embeddings=tie)).eval()
+    first, last = pipeline_stages(model, k)
     x = tokens()[:, :-1]
     with torch.no_grad():
         full = model(x)
@@ -360,7 +326,7 @@ def test_pipeline_stages_compose_to_full_model(residual, tie):
 def test_capture_geometry_shapes_and_cleanup(residual, granularity):
     torch.manual_seed(9)
     layers = 3
-    model = Transformer(tiny(residual, n_layers=layers, mgt=MGTConfig(beta_granularity=granularity)))
+    model = Transformer(tiny_config(residual, n_layers=layers, mgt=MGTConfig(beta_granularity=granularity)))
     x = tokens()[:, :-1]
     out = capture_geometry(model, x)
     hidden = out["hidden"]

@@ -79,7 +79,8 @@ def test_too_big_a_config_is_reported_as_not_fitting(capsys):
     # The 13.5 B-parameter model on one 80 GB GPU: weights, gradients and AdamW alone need ~240 GB.
     assert main([str(PRESET), "--nodes", "1", "--gpus-per-node", "1", "--pp", "1"]) == 1
     out = capsys.readouterr().out
-    assert "DOES NOT FIT" in out and out.rstrip().splitlines()[-1].startswith("            (try")
+    assert "DOES NOT FIT" in out and "over        stage(s) above 80 GB: 0 (" in out
+    assert out.rstrip().splitlines()[-1].startswith("advice      --activation-checkpoint-interval") and "still does not fit" in out
     cfg = load_config(PRESET)
     plan = build_plan(cfg, Cluster(nodes=1, gpus_per_node=1, pipeline_stages=1))
     assert not plan.fits and plan.stages[0].total_gb > 200
@@ -103,3 +104,55 @@ def test_meta_build_allocates_no_parameter_memory():
     plan = build_plan(cfg, Cluster(nodes=2, gpus_per_node=8, pipeline_stages=8))
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
     assert plan.total_params > 13e9 and grown < 1e9  # 13.5 B parameters counted without 54 GB of fp32
+
+
+def test_activations_are_linear_in_seq_len_when_d_model_equals_it():
+    # A fused kernel keeps nothing T x T, so every saved tensor grows linearly with T. At
+    # d_model = seq_len a [B, T, d] activation has the attention matrix's last two dims;
+    # it must still be counted (mgt-plan once dropped them all, 141.6 MB per mgt_200l block).
+    for residual in ("preln", "mgt"):
+        base = [*SMALL, f"model.residual={residual}", "model.max_seq_len=128"]
+        at64, at128 = (build_plan(load_config(None, [*base, f"data.seq_len={t}"]), Cluster(nodes=1, gpus_per_node=1)) for t in (64, 128))
+        assert at128.layer_activation_mb == pytest.approx(2 * at64.layer_activation_mb, abs=1e-5)  # up to fp32 copies of scalar alphas
+        math_path = build_plan(load_config(None, [*base, "data.seq_len=64"]), Cluster(nodes=1, gpus_per_node=1, flash_attention=False))
+        assert math_path.layer_activation_mb > at64.layer_activation_mb + 8 * 4 * 64 * 64 * 2 / 1e6  # + the [B, H, T, T] softmax
+
+
+def test_fused_attention_saves_q_k_v_out_and_lse():
+    import torch
+
+    from megatron_mgt.plan import _FusedAttention, saved_bytes
+
+    q, k, v = (torch.empty(2, 16, 4, 8, device="meta", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    assert saved_bytes(lambda: _FusedAttention.apply(q, k, v), True) == 4 * q.numel() * 2 + 2 * 4 * 16 * 4
+
+
+def test_200_layer_preset_per_block_figures():
+    # d 2048 = T 2048, bf16, micro-batch 1, flash: the numbers docs/LAUNCH.md quotes
+    mgt = build_plan(load_config(PRESET), Cluster(nodes=2, gpus_per_node=8, pipeline_stages=8))
+    preln = build_plan(load_config(PRESET, ["model.residual=preln"]), Cluster(nodes=2, gpus_per_node=8, pipeline_stages=8))
+    # measured: 393.4 MB (mgt: gate, beta and update in fp32 on the bf16 stream) and 175.3 MB (preln)
+    assert 380 < mgt.layer_activation_mb < 410 and 165 < preln.layer_activation_mb < 185
+    assert mgt.layer_input_mb == pytest.approx(2048 * 2048 * 2 / 1e6)
+
+
+def test_a_stage_over_memory_gets_a_checkpointing_interval(capsys):
+    cfg = load_config(PRESET, ["parallel.activation_checkpoint_interval=0"])
+    plan = build_plan(cfg, Cluster(nodes=2, gpus_per_node=8, pipeline_stages=8))
+    assert plan.stages[0].in_flight == 8 and plan.stages[-1].in_flight == 1
+    assert plan.over and plan.over[0] == 0 and not plan.fits
+    assert plan.advice_interval >= 1 and plan.advice_total_gb < 80
+    fixed = build_plan(cfg, Cluster(nodes=2, gpus_per_node=8, pipeline_stages=8, activation_checkpoint_interval=plan.advice_interval))
+    assert fixed.fits and max(s.total_gb for s in fixed.stages) == pytest.approx(plan.advice_total_gb)
+    assert main([str(PRESET), "parallel.activation_checkpoint_interval=0", "--nodes", "2"]) == 1
+    out = capsys.readouterr().out
+    assert f"advice      --activation-checkpoint-interval {plan.advice_interval} " in out and ", fits" in out
+
+
+def test_checkpoint_size_and_write_time(capsys):
+    cfg = load_config(PRESET)
+    plan = build_plan(cfg, Cluster(nodes=2, gpus_per_node=8, pipeline_stages=8, ckpt_write_gbps=4.0))
+    assert plan.checkpoint_gb == pytest.approx(plan.total_params * (2 + 12) / 1e9)  # bf16 weights + fp32 master, m, v
+    assert plan.checkpoint_write_s == pytest.approx(plan.checkpoint_gb / 4.0)
+    assert main([str(PRESET), "--nodes", "2", "--ckpt-write-gbps", "4"]) == 0
+    assert f"checkpoint  {plan.checkpoint_gb:.1f} GB" in capsys.readouterr().out

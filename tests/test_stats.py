@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from megatron_mgt.experiments import stats
+from megatron_mgt import stats
 
 
 @pytest.mark.parametrize(

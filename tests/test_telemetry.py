@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_config, tiny_overrides
 
 from megatron_mgt.config import ConfigError, load_config
 from megatron_mgt.metrics import read_metrics, wandb_scalars
 from megatron_mgt.telemetry import latest_per_step, write_heatmaps
 from megatron_mgt.train import train
-from tests.conftest import tiny_overrides
 
 LAYERS = 3
 BETA = ("mgt", "ddl_rank1")  # rules with a beta
@@ -93,24 +93,18 @@ def test_geometry_every_validated():
 
 
 def test_nstream_snapshot_record_has_h_res_and_mean_stream_layers():
-    from megatron_mgt.config import ModelConfig
     from megatron_mgt.geometry import geometry_snapshot
     from megatron_mgt.model import Transformer
     from megatron_mgt.telemetry import snapshot_record
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, residual="mhc_nstream")
+    cfg = tiny_config("mhc_nstream", n_layers=2)
     probe = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
     record = snapshot_record(geometry_snapshot(Transformer(cfg), probe, True), step=0)
     assert len(record["erank"]) == 3 and len(record["h_res_diag"]) == 4
     assert all(0.9 < v < 1 for v in record["h_res_diag"])  # res_diag_init 0.95
     assert all(0 <= v < 5e-4 for v in record["h_res_col_err"])
-    assert "h_res_diag" not in snapshot_record(
-        geometry_snapshot(
-            Transformer(ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, max_seq_len=16, residual="preln")), probe, True
-        ),
-        0,
-    )
+    assert "h_res_diag" not in snapshot_record(geometry_snapshot(Transformer(tiny_config("preln", n_layers=2)), probe, True), 0)
 
 
 def test_wandb_gets_the_heat_maps_as_images(zipf_shards, tmp_path, monkeypatch):

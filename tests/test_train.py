@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_mgt.checkpoint import find_checkpoint, save_checkpoint
+from megatron_mgt.checkpoint import CheckpointError, find_checkpoint, save_checkpoint
 from megatron_mgt.config import load_config
 from megatron_mgt.metrics import read_metrics
 from megatron_mgt.train import TrainingDiverged, train
@@ -44,7 +44,7 @@ def test_resume_is_bit_exact(zipf_shards, tmp_path, residual):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_sigterm_checkpoints_and_exits_cleanly(zipf_shards, tmp_path, sig):
     run = tmp_path / "run"
     args = tiny_overrides(*zipf_shards, run, **{"train.max_steps": 100000, "train.save_every": 0, "train.eval_every": 0})
@@ -95,12 +95,12 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path):
         (directory / "model.pt").write_text("half")
         raise OSError("disk full")
 
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="step_00000002 could not be written: OSError: disk full"):
         save_checkpoint(root, 2, crash, {"step": 2})
     latest = find_checkpoint(root, "auto")
     assert latest.name == "step_00000001"
     assert (latest / "model.pt").read_text() == "one"
-    assert not (root / "step_00000002").exists()
+    assert not (root / "step_00000002").exists() and not list(root.glob(".step_*"))  # temp dir removed
 
 
 def test_keep_prunes_old_checkpoints(tmp_path):

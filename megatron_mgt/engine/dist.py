@@ -8,6 +8,7 @@ localhost rendezvous (DeepSpeed otherwise falls into an MPI lookup).
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -63,12 +64,17 @@ def resolve_backend(cfg: Config, device: torch.device) -> str:
     return backend
 
 
+def dist_timeout(cfg: Config) -> datetime.timedelta:
+    """`parallel.dist_timeout_minutes` as the collectives' timeout."""
+    return datetime.timedelta(minutes=cfg.parallel.dist_timeout_minutes)
+
+
 def init_distributed(cfg: Config) -> tuple[DistEnv, torch.device]:
     """Join (or create) the default process group; returns this rank's env and device."""
     env = launcher_env()
     device = resolve_device(cfg.train.device, env.local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(resolve_backend(cfg, device), rank=env.rank, world_size=env.world_size)
+        dist.init_process_group(resolve_backend(cfg, device), rank=env.rank, world_size=env.world_size, timeout=dist_timeout(cfg))
     return env, device
 
 

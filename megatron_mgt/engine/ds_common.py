@@ -7,6 +7,13 @@ YAML presets do not: ZeRO bucket sizes and overlap, bf16 extras, communication d
 activation-checkpointing options, ... The keys the project owns are written here at engine
 build; a JSON that sets one of them (or a ZeRO stage / bf16 switch that disagrees with
 `parallel.zero_stage` / `train.precision`) is a ConfigError naming the YAML key to use.
+
+Gradients accumulate in fp32 (`data_types.grad_accum_dtype`): with bf16 weights DeepSpeed
+otherwise sums the micro-batch gradients in bf16 (8 mantissa bits over 64 micro-batches).
+DeepSpeed 0.19.8 (`engine._do_optimizer_sanity_check`) then wraps ZeRO-1 in its
+BF16_Optimizer (an fp32 gradient buffer per parameter, fp32 master weights partitioned over
+dp: the pipeline's optimizer) and gives ZeRO-2 a separate fp32 accumulator; ZeRO-3 does not
+read the key. With fp32 weights the key equals the model dtype and changes nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +42,9 @@ PROJECT_OWNED = {
     "optimizer": "train.lr / beta1 / beta2 / weight_decay (the engine passes torch AdamW)",
     "scheduler": "train.warmup_steps / min_lr_ratio / max_steps (the engine passes the warmup-cosine LambdaLR)",
     "fp16": "train.precision (fp16 is not supported; bf16 or fp32)",
+    "data_types.grad_accum_dtype": "the project (always fp32: gradients accumulate in fp32 over the micro-batches)",
 }
+GRAD_ACCUM_DTYPE = "fp32"
 
 
 def import_deepspeed(device: torch.device):
@@ -71,7 +80,8 @@ def deepspeed_config(cfg: Config, dp_size: int, bf16: bool) -> dict:
         except json.JSONDecodeError as err:
             raise ConfigError(f"parallel.deepspeed_config {path}: not valid JSON: {err}") from err
     for key, owner in PROJECT_OWNED.items():
-        if key in extra:
+        section, _, name = key.rpartition(".")
+        if name in (extra.get(section, {}) if section else extra):
             raise ConfigError(f"parallel.deepspeed_config {source}: '{key}' is set by {owner}; remove it from the JSON")
     tc = cfg.train
     zero = dict(extra.pop("zero_optimization", {}))
@@ -97,6 +107,7 @@ def deepspeed_config(cfg: Config, dp_size: int, bf16: bool) -> dict:
         "gradient_clipping": tc.grad_clip if tc.grad_clip > 0 else 0.0,
         "zero_optimization": zero,
         "bf16": bf16_section,
+        "data_types": {**extra.get("data_types", {}), "grad_accum_dtype": GRAD_ACCUM_DTYPE},
     }
     return config
 

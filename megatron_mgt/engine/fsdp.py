@@ -26,6 +26,7 @@ from megatron_mgt.config import Config, ModelConfig
 from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult, checkpoint_step
 from megatron_mgt.engine.dist import all_mean, all_sum, dp_slice, init_distributed, shutdown, use_bf16, weighted_mean
 from megatron_mgt.engine.optim import build_optimizer, finish_step, set_schedule_step
+from megatron_mgt.engine.single import compile_blocks
 from megatron_mgt.model import Transformer, lm_loss
 
 DCP_DIR = "dcp"
@@ -56,6 +57,7 @@ class FSDPEngine(EngineBase):
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
         torch.manual_seed(cfg.train.seed)
         model = Transformer(cfg.model).to(self.device)
+        compile_blocks(model, cfg.model)  # before fully_shard
         reshard = cfg.parallel.fsdp_reshard_after_forward
         for block in model.layers.values():
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)

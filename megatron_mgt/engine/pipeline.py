@@ -32,16 +32,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megatron_mgt.checkpoint import checkpoint_step
 from megatron_mgt.config import Config, ConfigError, ModelConfig
-from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult
-from megatron_mgt.engine.dist import dp_slice, init_distributed, resolve_backend, shutdown, use_bf16
+from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult, checkpoint_step
+from megatron_mgt.engine.dist import dist_timeout, dp_slice, init_distributed, resolve_backend, shutdown, use_bf16
 from megatron_mgt.engine.ds_common import deepspeed_config, ds_load, ds_save, import_deepspeed, update_norm
 from megatron_mgt.engine.optim import build_optimizer, set_schedule_step
 from megatron_mgt.engine.partition import layer_costs, partition_balanced
 from megatron_mgt.geometry import layer_geometry, sublayer_geometry
 from megatron_mgt.model import lm_loss
 from megatron_mgt.model.block import Block
+from megatron_mgt.model.norm import make_norm, norm_class
 from megatron_mgt.model.residual import rule_type
 
 TIED_KEY = "embed"
@@ -73,8 +73,10 @@ class PipeEmbedding(nn.Embedding):
         return self.expand(x, self.model_cfg) if self.expand is not None else x
 
 
-class PipeFinalNorm(nn.LayerNorm):
-    """The final-norm stage: the rule's stream collapse, then LayerNorm."""
+class _FinalNormStage:
+    """The final-norm stage: the rule's stream collapse, then the model's final norm. Mixed
+    into the norm class itself (the layer file holds its 'weight', 'bias' as model.pt's
+    'norm.*'); built with make_norm's arguments, so it is the module Transformer.norm is."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg.d_model, eps=cfg.norm_eps)
@@ -83,6 +85,19 @@ class PipeFinalNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(self.collapse(x, self.model_cfg) if self.collapse is not None else x)
+
+
+class PipeFinalNorm(_FinalNormStage, nn.LayerNorm):
+    """The final-norm stage with model.norm=layernorm."""
+
+
+class PipeFinalRMSNorm(_FinalNormStage, nn.RMSNorm):
+    """The final-norm stage with model.norm=rmsnorm."""
+
+
+def final_norm_stage(cfg: ModelConfig) -> type[nn.Module]:
+    """The final-norm stage class of `norm_class(cfg)`."""
+    return {nn.LayerNorm: PipeFinalNorm, nn.RMSNorm: PipeFinalRMSNorm}[norm_class(cfg)]
 
 
 def layer_specs(cfg: ModelConfig) -> list:
@@ -95,7 +110,7 @@ def layer_specs(cfg: ModelConfig) -> list:
         embed = LayerSpec(PipeEmbedding, cfg)
         head = LayerSpec(nn.Linear, cfg.d_model, cfg.vocab_size, bias=False)
     blocks = [LayerSpec(Block, cfg) for _ in range(cfg.n_layers)]
-    return [embed, *blocks, LayerSpec(PipeFinalNorm, cfg), head]
+    return [embed, *blocks, LayerSpec(final_norm_stage(cfg), cfg), head]
 
 
 def pipe_prefix(cfg: ModelConfig, layer: int) -> str:
@@ -122,7 +137,7 @@ def replay_init(cfg: ModelConfig, seed: int, keep: set[int]) -> dict[int, dict[s
     Transformer(cfg)` would initialise them, building one module at a time on the CPU.
 
     Mirrors `Transformer.__init__`: nn.Embedding (normal init), the blocks in order, the
-    final LayerNorm, nn.Linear head (kaiming init), then normal_ on the embedding and, when
+    final norm (make_norm), nn.Linear head (kaiming init), then normal_ on the embedding and, when
     untied, on the head."""
     n = cfg.n_layers
     out: dict[int, dict[str, torch.Tensor]] = {}
@@ -134,7 +149,7 @@ def replay_init(cfg: ModelConfig, seed: int, keep: set[int]) -> dict[int, dict[s
             if i + 1 in keep:
                 out[i + 1] = {k: v.detach().clone() for k, v in block.state_dict().items()}
             del block
-        norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        norm = make_norm(cfg, cfg.d_model)
         head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(embed.weight, std=cfg.init_std)
         if not cfg.tie_embeddings:
@@ -189,7 +204,7 @@ class PipelineEngine(EngineBase):
         if stages > n_items:
             raise ConfigError(f"parallel.pipeline_stages={stages} exceeds the {n_items} pipeline layers")
         deepspeed = import_deepspeed(self.device)
-        deepspeed.init_distributed(dist_backend=resolve_backend(cfg, self.device))
+        deepspeed.init_distributed(dist_backend=resolve_backend(cfg, self.device), timeout=dist_timeout(cfg))
         p = cfg.parallel
         parts = (
             partition_balanced(layer_costs(cfg.model, cfg.data.seq_len, p.embed_cost), stages) if p.partition_method == "balanced" else None

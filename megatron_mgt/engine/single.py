@@ -20,6 +20,15 @@ MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 
 
+def compile_blocks(model: Transformer, cfg: ModelConfig) -> None:
+    """`model.compile`: torch.compile every block of `model.layers` in place (`Block.compile()`,
+    parameter names unchanged). Every engine calls it right after building the model, in the
+    order build -> compile blocks -> activation checkpointing -> parallel wrapping (fully_shard)."""
+    if cfg.compile:
+        for block in model.layers.values():
+            block.compile()
+
+
 class SingleEngine(EngineBase):
     """Model + AdamW + warmup-cosine schedule on one device."""
 
@@ -29,6 +38,7 @@ class SingleEngine(EngineBase):
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(device)
+        compile_blocks(self.model, cfg.model)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.train)
 
     @property

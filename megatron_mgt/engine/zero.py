@@ -15,9 +15,10 @@ import torch
 
 from megatron_mgt.config import Config, ModelConfig
 from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult
-from megatron_mgt.engine.dist import all_mean, dp_slice, init_distributed, resolve_backend, shutdown, use_bf16, weighted_mean
+from megatron_mgt.engine.dist import all_mean, dist_timeout, dp_slice, init_distributed, resolve_backend, shutdown, use_bf16, weighted_mean
 from megatron_mgt.engine.ds_common import deepspeed_config, ds_load, ds_save, import_deepspeed, update_norm
 from megatron_mgt.engine.optim import build_optimizer
+from megatron_mgt.engine.single import compile_blocks
 from megatron_mgt.model import Transformer, lm_loss
 
 
@@ -30,9 +31,10 @@ class ZeroEngine(EngineBase):
         self.rank, self.world_size = env.rank, env.world_size
         self.dp_rank, self.dp_size = env.rank, env.world_size
         deepspeed = import_deepspeed(self.device)
-        deepspeed.init_distributed(dist_backend=resolve_backend(cfg, self.device))
+        deepspeed.init_distributed(dist_backend=resolve_backend(cfg, self.device), timeout=dist_timeout(cfg))
         torch.manual_seed(cfg.train.seed)
         model = Transformer(cfg.model).to(self.device)
+        compile_blocks(model, cfg.model)  # before deepspeed.initialize
         optimizer, scheduler = build_optimizer(model, cfg.train)
         config = deepspeed_config(cfg, self.dp_size, use_bf16(cfg, self.device))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)

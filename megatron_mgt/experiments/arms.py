@@ -65,18 +65,32 @@ def tuning_settings(grid: Mapping) -> dict:
     return settings
 
 
+class _NotRun(Exception):
+    """A sweep point that report-only mode finds unfinished."""
+
+
 def tuned_arm(base: Config, arm: str, depth: int, pool, tuning: Mapping, report_only: bool = False) -> dict:
     """The lr sweep of `arm` at the sweep depth of `depth` (tuning['bands']) and the first
-    seed of `base`: every point, the chosen lr and the rule (lr_sweep.sweep's record)."""
+    seed of `base`: every point, the chosen lr and the rule (lr_sweep.sweep's record), and
+    `complete`. In report-only mode a sweep with an unfinished point chooses nothing (lr None,
+    complete False) rather than choosing among the points that happen to be done."""
     sweep_depth = int(tuning["bands"].get(depth, depth))
     at_depth = derive(base, {"model.n_layers": sweep_depth})
     outcomes: dict[float, RunOutcome] = {}
 
     def loss_at(lr: float) -> float:
         outcomes[lr] = ensure_run(arm_config(derive(at_depth, {"train.lr": lr}), arm), pool, tag=arm if arm in SPECIAL_ARMS else "", report_only=report_only)
+        if outcomes[lr].status == "missing":
+            raise _NotRun(lr)
         return run_summary(outcomes[lr])["valid_loss"]
 
-    record = lr_sweep.sweep(loss_at, float(tuning["center"]), int(tuning["points"]), float(tuning["factor"]), int(tuning["max_points"]))
+    center, points, factor, most = float(tuning["center"]), int(tuning["points"]), float(tuning["factor"]), int(tuning["max_points"])
+    try:
+        record = {**lr_sweep.sweep(loss_at, center, points, factor, most), "complete": True}
+    except _NotRun:
+        done = {lr: run_summary(o)["valid_loss"] for lr, o in outcomes.items() if o.status != "missing"}
+        record = {"lr": None, "loss": None, "interior": False, "converged": False, "complete": False, "results": [[lr, done[lr]] for lr in sorted(done)],
+                  "rule": lr_sweep.SELECTION_RULE, "center": center, "factor": factor, "max_points": most}
     record.update(arm=arm, depth=depth, sweep_depth=sweep_depth, runs={str(lr): o.name for lr, o in outcomes.items()})
     return record
 

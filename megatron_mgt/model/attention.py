@@ -4,11 +4,16 @@ The kernel is chosen per call from what the tensors allow: flash-attn's
 `flash_attn_func` when it is installed, the tensors are on CUDA in fp16/bf16 and the
 config allows it; otherwise `torch.nn.functional.scaled_dot_product_attention`.
 The math is the same: softmax(Q K^T / sqrt(d_head) + causal mask) V.
+
+Generation passes a `KVCache`: the keys and values of the positions already seen, so a new
+token attends to them without recomputing them (SDPA, new positions offset by the cache
+length). Training never builds one and runs the code path above unchanged.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,17 +47,87 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
+FLASH_MAX_HEAD_DIM = 256  # flash-attn 2: head_dim <= 256 and a multiple of 8
+
+
+def flash_refusal(q: torch.Tensor, kernel: str) -> str:
+    """Why flash-attn cannot run on q [B, T, H, D] ("" when it can)."""
+    head_dim = q.shape[-1]
+    if kernel == "sdpa":
+        return "model.attention_kernel=sdpa"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (flash-attn needs fp16/bf16)"
+    if head_dim > FLASH_MAX_HEAD_DIM or head_dim % 8:
+        return f"head_dim {head_dim} (flash-attn needs <= {FLASH_MAX_HEAD_DIM} and a multiple of 8)"
+    if flash_attn_func is None:
+        return "flash-attn not installed"
+    if not q.is_cuda:
+        return f"tensors on {q.device.type}"
+    return ""
+
+
 def flash_usable(q: torch.Tensor, kernel: str) -> bool:
-    return kernel != "sdpa" and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return not flash_refusal(q, kernel)
+
+
+def kernel_description(head_dim: int, kernel: str, device: torch.device, dtype: torch.dtype, n_heads: int = 1) -> str:
+    """Which kernel `causal_attention` runs on [B, T, n_heads, head_dim] tensors of `dtype` on
+    `device`: "flash-attn X.Y" or "SDPA <backend> (<why not flash-attn>)", the backend as
+    torch's dispatcher picks it (flash_attention, efficient_attention, cudnn_attention, math)."""
+    q = torch.zeros(1, 16, n_heads, head_dim, device=device, dtype=dtype)
+    reason = flash_refusal(q, kernel)
+    if not reason:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"flash-attn {version('flash-attn')}"
+        except PackageNotFoundError:
+            return "flash-attn"
+    t = q.transpose(1, 2)
+    try:
+        from torch.nn.attention import SDPBackend
+
+        backend = SDPBackend(torch._fused_sdp_choice(t, t, t, None, 0.0, True)).name.lower()
+    except (AttributeError, RuntimeError, TypeError, ValueError) as err:  # a private torch API
+        backend = f"backend unknown: {type(err).__name__}"
+    return f"SDPA {backend} ({reason})"
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
-    """softmax(q k^T / sqrt(D), causal) v for q, k, v [B, T, H, D] -> [B, T, H, D]."""
-    if kernel == "flash" and not flash_usable(q, kernel):
-        raise RuntimeError("attention_kernel=flash needs flash-attn installed and CUDA fp16/bf16 tensors")
+    """softmax(q k^T / sqrt(D), causal) v for q, k, v [B, T, H, D] -> [B, T, H, D]; flash-attn
+    where `flash_usable` (auto), else SDPA."""
+    if kernel == "flash" and (reason := flash_refusal(q, kernel)):
+        raise RuntimeError(f"model.attention_kernel=flash but flash-attn cannot run: {reason}")
     if flash_usable(q, kernel):
         return flash_attn_func(q, k, v, causal=True)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+    return out.transpose(1, 2)
+
+
+@dataclass
+class KVCache:
+    """Keys and values [B, T_past, H, D] (after RoPE) of one attention layer, for generation."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new positions' k, v [B, T_new, H, D]; return all of them."""
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=1)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=1)
+        return self.k, self.v
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v for the T_new last positions q [B, T_new, H, D]
+    against all positions k, v [B, T_all, H, D]: new position i sees j <= T_all - T_new + i."""
+    t_new, t_all = q.shape[1], k.shape[1]
+    mask = torch.ones(t_new, t_all, dtype=torch.bool, device=q.device).tril(t_all - t_new)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
     return out.transpose(1, 2)
 
 
@@ -74,9 +149,15 @@ class CausalSelfAttention(nn.Module):
             self.qkv.weight[2 * d :].mul_(value_gain)
         nn.init.normal_(self.out.weight, std=out_std * value_gain)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """h [B, T, d] -> [B, T, d]; with `cache`, h holds the positions after the cached ones."""
         b, t, d = h.shape
         q, k, v = self.qkv(h).view(b, t, 3, self.n_heads, self.head_dim).unbind(dim=2)
-        cos, sin = rope_tables(t, self.head_dim, self.rope_theta, h.device)
-        y = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.kernel)
+        if cache is None:
+            cos, sin = rope_tables(t, self.head_dim, self.rope_theta, h.device)
+            y = causal_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, self.kernel)
+        else:
+            past = cache.length
+            cos, sin = (table[past:] for table in rope_tables(past + t, self.head_dim, self.rope_theta, h.device))
+            y = cached_attention(apply_rope(q, cos, sin), *cache.extend(apply_rope(k, cos, sin), v))
         return self.out(y.reshape(b, t, d))

@@ -3,13 +3,14 @@ the residual stream by its own residual rule. Self-contained: forward(x) -> x.""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import nn
 
 from megatron_mgt.config import ModelConfig
-from megatron_mgt.model.attention import CausalSelfAttention
+from megatron_mgt.model.attention import CausalSelfAttention, KVCache
 from megatron_mgt.model.mlp import MLPS
 from megatron_mgt.model.residual import build_rule
 
@@ -27,6 +28,8 @@ class Block(nn.Module):
         self.attn.init_weights(std, out_std, self.attn_residual.init_gain)
         self.mlp.init_weights(std, out_std, self.mlp_residual.init_gain)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.attn_residual(x, self.attn)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x -> x after both sublayers; with `cache` the attention also reads and extends it."""
+        attn = self.attn if cache is None else functools.partial(self.attn, cache=cache)
+        x = self.attn_residual(x, attn)
         return self.mlp_residual(x, self.mlp)

@@ -19,6 +19,10 @@ A rule whose stream is wider than d (mhc_nstream) says so through two class-leve
 that the model calls: `expand(x, cfg)` after the embedding and `collapse(x, cfg)` before
 the final norm (and for every hidden state it reports); both are the identity otherwise.
 
+LN is `model.norm` (model/norm.py): LayerNorm as the spec writes it, or RMSNorm for every
+norm of the model, the mHC gate's included (mhc_nstream's own RMSNorm of the mappings is the
+paper's and stays).
+
 With `capture = True` a rule keeps, for the last call, the ratio |X_new - X| / |X| per
 sequence and (where it has them) beta and alpha, for geometry telemetry; otherwise it
 keeps nothing.
@@ -34,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_mgt.config import MGTConfig, ModelConfig
+from megatron_mgt.model.fused import beta_of, fused_tail
+from megatron_mgt.model.norm import make_norm
 
 Sublayer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -81,7 +87,7 @@ class PreLN(ResidualRule):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.d_model)
 
     def update(self, x, sublayer):
         return x + sublayer(self.norm(x))
@@ -92,7 +98,7 @@ class PostLN(ResidualRule):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.d_model)
 
     def update(self, x, sublayer):
         return self.norm(x + sublayer(x))
@@ -106,7 +112,7 @@ class DeepNorm(ResidualRule):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.d_model)
         self.alpha = (2 * cfg.n_layers) ** 0.25
         self.init_gain = (8 * cfg.n_layers) ** -0.25
 
@@ -115,16 +121,17 @@ class DeepNorm(ResidualRule):
 
 
 class DirectionGate(nn.Module):
-    """mHC rectification: V_mHC = V_raw * sigmoid(LN(X W_gate))."""
+    """mHC rectification: V_mHC = V_raw * sigmoid(LN(X W_gate)). LN is `model.norm`: the spec's
+    LayerNorm by default, RMSNorm with model.norm=rmsnorm (one norm type in the whole model)."""
 
-    def __init__(self, d_model: int, norm_eps: float, std: float):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.proj = nn.Linear(d_model, d_model, bias=False)
-        self.norm = nn.LayerNorm(d_model, eps=norm_eps)
-        nn.init.normal_(self.proj.weight, std=std)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.norm = make_norm(cfg, cfg.d_model)
+        nn.init.normal_(self.proj.weight, std=cfg.init_std)
 
     def forward(self, v_raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return v_raw * torch.sigmoid(self.norm(self.proj(x)))
+        return v_raw.float() * torch.sigmoid(self.norm(self.proj(x)).float())  # fp32 under a bf16 stream
 
 
 class DeltaController(nn.Module):
@@ -149,32 +156,48 @@ class DeltaController(nn.Module):
             self.alpha = nn.Parameter(alpha)
 
     def beta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lam * torch.tanh(self.proj(x)) + self.eps
+        return self.lam * torch.tanh(self.proj(x).float()) + self.eps  # fp32 under a bf16 stream
 
 
 class GeometricResidual(ResidualRule):
     """X + beta * (V - alpha X) with optional parts: the mHC gate makes V = V_mHC
     (else V = V_raw = F(LN X)); the DDL controller gives beta, alpha (else beta = 1,
-    alpha = 0). Gate and controller read X or LN(X) (`controller_input`)."""
+    alpha = 0). Gate and controller read X or LN(X) (`controller_input`).
+
+    Precision: matmuls run in the stream dtype; on a bf16 stream the gate's sigmoid, beta
+    and the update X + beta (V - alpha X) run in fp32 (alpha may be an fp32 buffer) and are
+    rounded once to bf16; LN statistics are fp32 inside the norm kernel. On an fp32 stream
+    every cast is a no-op (the same ops, bit for bit)."""
 
     def __init__(self, cfg: ModelConfig, gate: bool, delta: bool):
         super().__init__()
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.d_model)
         self.read_normed = cfg.mgt.controller_input == "ln"
-        self.gate = DirectionGate(cfg.d_model, cfg.norm_eps, cfg.init_std) if gate else None
+        self.gate = DirectionGate(cfg) if gate else None
         self.delta = DeltaController(cfg.d_model, cfg.mgt) if delta else None
+        self.fused = cfg.fused_residual
 
     def update(self, x, sublayer):
         h = self.norm(x)
         v = sublayer(h)
         c = h if self.read_normed else x
+        if self.fused:  # the same update; the elementwise tail saves only x, v, gate_pre, beta_pre (model/fused.py)
+            gate_pre = self.gate.proj(c) if self.gate is not None else None
+            if self.delta is None:
+                return fused_tail(x, v, gate_pre, None, self.gate.norm, 0.0, 0.0, None)
+            beta_pre, d = self.delta.proj(c), self.delta
+            if self.capture:
+                with torch.no_grad():
+                    self.record(beta=beta_of(beta_pre, d.lam, d.eps), alpha=d.alpha)
+            return fused_tail(x, v, gate_pre, beta_pre, self.gate.norm if self.gate is not None else None, d.lam, d.eps, d.alpha)
         if self.gate is not None:
             v = self.gate(v, c)
         if self.delta is None:
-            return x + v
+            return (x.float() + v).to(x.dtype)
         beta, alpha = self.delta.beta(c), self.delta.alpha
         self.record(beta=beta, alpha=alpha)
-        return x + beta * (v - alpha * x)
+        # in fp32, rounded once to the stream dtype (a no-op on an fp32 stream)
+        return (x.float() + beta * (v.float() - alpha.float() * x.float())).to(x.dtype)
 
 
 class GateOnly(GeometricResidual):
@@ -218,7 +241,7 @@ class Rank1Delta(ResidualRule):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         knobs = cfg.ddl_rank1
-        self.norm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg, cfg.d_model)
         self.k_eps, self.value_reads_x = knobs.k_eps, knobs.value_input == "x"
         self.gate = nn.Linear(cfg.d_model, 1)
         self.value = nn.Linear(cfg.d_model, 1)
@@ -272,7 +295,7 @@ class NStreamMHC(ResidualRule):
         super().__init__()
         knobs, n, d = cfg.mhc_nstream, cfg.mhc_streams, cfg.d_model
         self.n, self.d, self.iters, self.rms_eps = n, d, knobs.sinkhorn_iters, cfg.norm_eps
-        self.norm = nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.norm = make_norm(cfg, d)
         self.phi = nn.Linear(n * d, 2 * n + n * n, bias=False)
         nn.init.normal_(self.phi.weight, std=(n * d) ** -0.5)
         self.a_pre, self.a_post, self.a_res = (nn.Parameter(torch.tensor(float(knobs.gate_init))) for _ in range(3))
