@@ -342,7 +342,9 @@ class Checkpointer:
         the monitor has learnt to leave out since that checkpoint was written."""
         state = load_trainer_state(directory, self.engine.rank, self.engine.world_size)
         try:
-            state["changes"] = resume_changes(state.get("config", {}), self.config)
+            saved_cfg = state.get("config", {})
+            saved_dp = max(1, int(state.get("world_size", 1)) // int(saved_cfg.get("parallel", {}).get("pipeline_stages", 1)))
+            state["changes"] = resume_changes(saved_cfg, self.config, saved_dp, self.engine.dp_size)
         except ConfigError as err:
             raise ConfigError(f"cannot resume from {directory}: {err}") from None
         try:

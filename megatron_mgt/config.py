@@ -406,13 +406,27 @@ def _flat(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def resume_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+BATCH_SPLIT_KEYS = ("train.micro_batch_size", "train.grad_accum_steps")  # may change when the global batch does not
+
+
+def resume_changes(saved: dict, current: dict, saved_dp: int = 1, current_dp: int = 1) -> list[tuple[str, Any, Any]]:
     """(key, checkpoint value, this run's value) for every key that differs between a
     checkpoint's config and this run's; ConfigError naming each key that RESUME_MAY_CHANGE
-    does not allow. Keys only one side has (an older or newer schema) are not compared."""
+    does not allow. The split of the global batch (micro_batch_size x grad_accum_steps x
+    data-parallel size, `saved_dp` / `current_dp`) may change when the global batch stays
+    the same: the data order and the step's mean loss are then the same (another engine or
+    world size continuing a run). Keys only one side has (an older or newer schema) are not
+    compared."""
     old, new = _flat(saved), _flat(current)
     changes = [(key, old[key], new[key]) for key in new if key in old and old[key] != new[key]]
-    allowed = {key for key, _, _ in changes if key in RESUME_MAY_CHANGE or f"{key.split('.')[0]}.*" in RESUME_MAY_CHANGE}
+
+    def global_batch(flat: dict, dp: int):
+        return flat.get("train.micro_batch_size", 0) * flat.get("train.grad_accum_steps", 1) * dp
+
+    split_ok = global_batch(old, saved_dp) == global_batch(new, current_dp)
+    allowed = {
+        key for key, _, _ in changes if key in RESUME_MAY_CHANGE or f"{key.split('.')[0]}.*" in RESUME_MAY_CHANGE or (split_ok and key in BATCH_SPLIT_KEYS)
+    }
     refused = [f"{key} is {a!r} in the checkpoint and {b!r} in this run" for key, a, b in changes if key not in allowed]
     if refused:
         raise ConfigError("; ".join(refused) + " (these cannot change on resume: use a new train.run_dir, or train.resume=none to start over)")

@@ -356,3 +356,14 @@ def test_checkpoint_files_are_fsynced_before_the_rename(tmp_path, monkeypatch):
     assert {"model.pt", "trainer.pt", ".step_00000001.tmp", tmp_path.name} <= set(synced)
     assert yaml.safe_load((tmp_path / "latest").read_text()) == "step_00000001"
     assert sorted(json.loads((tmp_path / "step_00000001" / MANIFEST).read_text())["files"]) == ["model.pt", "trainer.pt"]
+
+
+def test_resume_may_resplit_the_global_batch_but_not_change_it():
+    """Another engine or world size may continue a run with the same global batch (micro x accum x dp)."""
+    from megatron_mgt.config import Config, ConfigError, resume_changes, to_dict
+
+    saved, now = to_dict(Config()), to_dict(Config())
+    saved["train"]["micro_batch_size"], now["train"]["micro_batch_size"] = 4, 2
+    assert resume_changes(saved, now, saved_dp=1, current_dp=2) == [("train.micro_batch_size", 4, 2)]
+    with pytest.raises(ConfigError, match="train.micro_batch_size is 4 in the checkpoint and 2"):
+        resume_changes(saved, now, saved_dp=1, current_dp=1)

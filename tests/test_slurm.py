@@ -220,7 +220,7 @@ def test_usr1_before_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, 
 
     log = job_log(tmp_path)
     assert "got SIGUSR1" in log and f"requeueing job {job}" in log, log
-    events = records(run, "event")
+    events = [e for e in records(run, "event") if e["event"] != "started"]  # "started": the fresh run's start-up notes
     kinds = [e["event"] for e in events]
     assert kinds[:2] == ["signalled (SIGUSR1)", "resumed"], events
     stopped = events[0]["step"]
@@ -343,7 +343,7 @@ def test_experiment_runner_array_splits_the_grid(slurm_cluster, corpus, tmp_path
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     preset = tmp_path / "depth.yaml"
-    grid = {"variants": ["preln", "mgt"], "depths": [2], "seeds": [1]}
+    grid = {"variants": ["preln", "mgt"], "depths": [2], "seeds": [1], "tuning": {"center": 3.0e-3, "points": 4, "factor": 2, "max_points": 4}}
     preset.write_text(
         yaml.safe_dump(
             {"experiment": "depth_scaling", "base": "base.yaml", "out": str(tmp_path / "out"), "pool": str(tmp_path / "pool"), "grid": grid}
@@ -365,13 +365,13 @@ def test_experiment_runner_array_splits_the_grid(slurm_cluster, corpus, tmp_path
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     assert out.returncode == 0, f"{out.stdout}\n{out.stderr}\n{job_log(tmp_path)}"
     runs = sorted(p for p in (tmp_path / "pool").iterdir() if p.is_dir())
-    assert len(runs) == 2
+    assert len(runs) == 8  # 2 arms x 4 lr-sweep points; the comparison runs at seed 1 are sweep runs
     tasks = set()
     for run in runs:
         assert [r["step"] for r in records(run, "train")] == [50, 100, 150, 200]  # trained once, by one task
         assert (run / "eval" / "eval.json").is_file()
         tasks.add(json.loads((run / "provenance.json").read_text())["slurm"]["array_task"])
-    assert tasks == {"0", "1"}, "each task trains one run"
+    assert tasks == {"0", "1"}, "the two tasks split the sweep grid"
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["centered"] is True and len(results["runs"]) == 2
     assert job_log(tmp_path).count("runner exited with status 0") == 2

@@ -115,6 +115,10 @@ def tuned_runs(exp: Experiment, arms: list[str], depth: int, seeds: list[int], t
     (the first seed's run is the sweep's own). Returns ({arm: sweep record}, run summaries
     with 'arm' and 'depth'); an arm whose every sweep point diverged has no runs."""
     first = derive(exp.base, {"model.n_layers": depth, "train.seed": seeds[0]})
+    if not common.REPORT_ONLY:  # every arm's initial grid through run_grid first, so runners sharing the pool split it
+        grid = lr_sweep.initial_grid(float(tuning["center"]), int(tuning["points"]), float(tuning["factor"]))
+        at_depth = derive(first, {"model.n_layers": int(tuning["bands"].get(depth, depth))})
+        run_grid([(arm_config(derive(at_depth, {"train.lr": lr}), arm), arm if arm in SPECIAL_ARMS else "") for arm in arms for lr in grid], exp.pool, f"{desc} lr sweeps")
     sweeps = {arm: tuned_arm(first, arm, depth, exp.pool, tuning, report_only=common.REPORT_ONLY) for arm in arms}
     specs = []
     for arm in arms:
