@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import itertools
 import json
 import os
 import resource
@@ -42,27 +41,16 @@ from megatron_mgt.config import ModelConfig  # noqa: E402
 from megatron_mgt.engine.single import compile_blocks  # noqa: E402
 from megatron_mgt.flops import device_peak_flops  # noqa: E402
 from megatron_mgt.model import lm_loss  # noqa: E402
+from megatron_mgt.plan import saved_tensor_bytes  # noqa: E402
 
 DEFAULT_VARIANTS = ("preln", "mgt", "mgt+fused", "mgt+compile", HF_NAME)
 SMOKE = {"layers": 2, "d_model": 32, "heads": 2, "vocab": 64, "batch": 2, "seq_len": 16, "steps": 2, "warmup": 1, "peak_seconds": 0.1}
 
 
 def saved_bytes(model: nn.Module, forward, inputs: torch.Tensor, targets: torch.Tensor) -> int:
-    """Bytes autograd keeps for backward after forward + loss: distinct storages
-    (untyped_storage().data_ptr()), parameters and buffers excluded."""
-    skip = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = lm_loss(forward(inputs), targets)
-    del loss
-    return sum(storages.values())
+    """Bytes autograd keeps for backward after forward + loss (`plan.saved_tensor_bytes`: distinct
+    storages, parameters and buffers excluded)."""
+    return saved_tensor_bytes(lambda: lm_loss(forward(inputs), targets), exclude=[*model.parameters(), *model.buffers()])
 
 
 def build(variant: str, shape: ModelConfig, device: torch.device):

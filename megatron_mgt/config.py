@@ -86,6 +86,7 @@ class ModelConfig:
     mhc_streams: int = 4  # mhc_nstream: number of residual streams n
     mhc_nstream: NStreamMHCConfig = field(default_factory=NStreamMHCConfig)
     fused_residual: bool = False  # mhc/ddl/mgt: the elementwise tail as one recomputed region (model/fused.py); other rules have none
+    fused_recompute_projections: bool = False  # with fused_residual: the gate / controller projections recomputed too (2 d x d matmuls in backward, 2 d-sized tensors less saved per sublayer)
     compile: bool = False  # torch.compile every block, applied by the engine after building the model (engine/single.py)
 
     @property
@@ -332,6 +333,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.final_norm=false is not supported by parallel.engine=deepspeed_pipe yet (its layer specs and checkpoint layout hold a final-norm stage)")
     if m.residual == "mhc_nstream" and cfg.parallel.engine == "deepspeed_pipe":
         raise ConfigError("model.residual=mhc_nstream is not supported by parallel.engine=deepspeed_pipe yet (its layer specs carry a [B, T, d] stream)")
+    if m.fused_recompute_projections and not m.fused_residual:
+        raise ConfigError("model.fused_recompute_projections=true needs model.fused_residual=true (it widens the fused region)")
     if m.compile and cfg.parallel.engine == "deepspeed_pipe":
         raise ConfigError("model.compile=true is not supported by parallel.engine=deepspeed_pipe yet (DeepSpeed builds its LayerSpec blocks itself)")
     if m.n_layers < (1 if cfg.parallel.engine == "deepspeed_pipe" else 0):
@@ -396,6 +399,8 @@ RESUME_MAY_CHANGE = (
     "train.grad_clip", "train.eval_every", "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.resume",
     "train.exit_at_step", "train.exit_after_minutes", "train.run_dir", "train.threads", "train.device", "train.precision",
     "data.valid_prefix", "data.test_prefix", "data.tokenizer", "parallel.*", "log.*", "eval.*", "stability.*",
+    # how the same model is computed (the same weights, the same function): kernels, fusion, compile
+    "model.attention_kernel", "model.fused_residual", "model.fused_recompute_projections", "model.compile",
 )  # fmt: skip
 
 

@@ -167,23 +167,49 @@ class _FusedAttention(torch.autograd.Function):
         raise NotImplementedError
 
 
-def saved_bytes(run, fused_attention: bool) -> int:
-    """Bytes of the tensors autograd keeps for backward while `run()` executes on meta
-    tensors. Parameters and views of parameters are not activations; several views of one
-    tensor count once (by base). With `fused_attention` attention saves what a fused kernel
-    keeps (`_FusedAttention`), else what SDPA's math path keeps (the T x T softmax too)."""
-    seen: dict[int, torch.Tensor] = {}
+def saved_tensor_bytes(run, exclude=()) -> int:
+    """Bytes of the tensors autograd keeps for backward while `run()` executes: each storage
+    once (several views or aliases of one tensor count once), parameters and the tensors in
+    `exclude` (say a model's buffers) not at all. Real tensors are told apart by storage
+    address; meta tensors, which have none, by their base tensor."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude if not t.is_meta}
+    seen: dict[object, int] = {}
 
     def pack(t: torch.Tensor):
         base = t._base if t._base is not None else t
-        if not isinstance(base, nn.Parameter):
-            seen.setdefault(id(base), base)
+        if isinstance(base, nn.Parameter):
+            return t
+        if t.is_meta:
+            seen.setdefault(id(base), base.numel() * base.element_size())
+        elif (ptr := t.untyped_storage().data_ptr()) not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
         return t
 
-    kernel = mock.patch.object(attention, "causal_attention", _FusedAttention.apply) if fused_attention else contextlib.nullcontext()
-    with kernel, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
-    return sum(t.numel() * t.element_size() for t in seen.values())
+    return sum(seen.values())
+
+
+def saved_bytes(run, fused_attention: bool) -> int:
+    """`saved_tensor_bytes` of `run()`, with attention saving what a fused kernel keeps
+    (`_FusedAttention`) when `fused_attention`, else what SDPA's math path keeps (the T x T
+    softmax too)."""
+    kernel = mock.patch.object(attention, "causal_attention", _FusedAttention.apply) if fused_attention else contextlib.nullcontext()
+    with kernel:
+        return saved_tensor_bytes(run)
+
+
+def block_and_head_bytes(model: Transformer, batch: int, seq: int, dtype: torch.dtype, fused_attention: bool) -> tuple[int, int]:
+    """Saved bytes of one block's forward and of final norm + head + loss, one micro-batch
+    [batch, seq], on the model's device (meta for the plan; the stream is as wide as the rule
+    makes it, n*d for mhc_nstream)."""
+    cfg, device = model.cfg, model.head.weight.device
+    x = model.rule_type.expand(torch.zeros(batch, seq, cfg.d_model, device=device, dtype=dtype), cfg).requires_grad_()
+    targets = torch.zeros(batch, seq, device=device, dtype=torch.long)
+    block = model.layers["0"]
+    layer = saved_bytes(lambda: block(x), fused_attention)
+    head = saved_bytes(lambda: lm_loss(model.head(model.norm(model.rule_type.collapse(x, cfg))), targets), fused_attention)
+    return layer, head
 
 
 def stage_activations(in_flight: int, n_blocks: int, interval: int, block: int, block_input: int, head: int) -> int:
@@ -229,11 +255,8 @@ def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
 
     # Activations: one block and the head + loss, one micro-batch, measured on meta.
     fused = cluster.flash_attention
-    block = model.layers["0"]
-    x = torch.empty(mbs, seq, m_cfg.d_model, device="meta", dtype=dtype, requires_grad=True)
-    layer_act = saved_bytes(lambda: block(x), fused)
-    targets = torch.zeros(mbs, seq, device="meta", dtype=torch.long)
-    head_act = saved_bytes(lambda: lm_loss(model.head(model.norm(x)), targets), fused)
+    layer_act, head_act = block_and_head_bytes(model, mbs, seq, dtype, fused)
+    x = model.rule_type.expand(torch.empty(mbs, seq, m_cfg.d_model, device="meta", dtype=dtype), m_cfg)
     layer_input = x.numel() * x.element_size()
 
     grad_bytes = GRAD_ACCUM_BYTES + (wbytes if bf16 else 0)

@@ -30,15 +30,15 @@ def bench_module():
     return module
 
 
-def pair(residual: str, n_layers: int = 2, **kw) -> tuple[Transformer, Transformer]:
-    """An eager and a fused model with the same random parameters (W_beta, norms and all)."""
+def pair(residual: str, n_layers: int = 2, recompute: bool = False, **kw) -> tuple[Transformer, Transformer]:
+    """An eager and a fused model (projections recomputed too with `recompute`) with the same random parameters (W_beta, norms and all)."""
     torch.manual_seed(0)
     eager = Transformer(tiny_config(residual, n_layers, **kw))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in eager.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if p.ndim == 1 else 0.0))
-    fused = Transformer(tiny_config(residual, n_layers, fused_residual=True, **kw))
+    fused = Transformer(tiny_config(residual, n_layers, fused_residual=True, fused_recompute_projections=recompute, **kw))
     fused.load_state_dict(eager.state_dict())
     return eager, fused
 
@@ -65,22 +65,26 @@ MODES = [
 ]
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["tail", "recompute"])
 @pytest.mark.parametrize(("residual", "knobs", "norm"), MODES, ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(v.values()))
-def test_fused_equals_eager_every_mode(residual, knobs, norm):
-    """fp32: logits bit-equal, every gradient within 1e-6 relative (measured: bit-equal too)."""
-    eager, fused = pair(residual, mgt=MGTConfig(alpha_init=0.3, **knobs), norm=norm)
+def test_fused_equals_eager_every_mode(residual, knobs, norm, recompute):
+    """fp32: logits bit-equal; every gradient within 1e-6 relative for the tail (measured:
+    bit-equal too), 1e-5 with the projections recomputed (their gradients reach c and x by
+    another summation order: measured up to 2.5e-6)."""
+    eager, fused = pair(residual, recompute=recompute, mgt=MGTConfig(alpha_init=0.3, **knobs), norm=norm)
     batch = tokens()
     logits_e, grads_e = forward_backward(eager, batch)
     logits_f, grads_f = forward_backward(fused, batch)
     assert torch.equal(logits_e, logits_f)
     assert grads_e.keys() == grads_f.keys()
     for name in grads_e:
-        assert_rel_close(grads_f[name], grads_e[name], name)
+        assert_rel_close(grads_f[name], grads_e[name], name, tol=1e-5 if recompute else 1e-6)
 
 
 @pytest.mark.parametrize("residual", ["mhc", "ddl", "mgt"])
-def test_fused_telemetry_captures_what_eager_captures(residual):
-    eager, fused = pair(residual, mgt=MGTConfig(beta_granularity="token"))
+@pytest.mark.parametrize("recompute", [False, True], ids=["tail", "recompute"])
+def test_fused_telemetry_captures_what_eager_captures(residual, recompute):
+    eager, fused = pair(residual, recompute=recompute, mgt=MGTConfig(beta_granularity="token"))
     batch = tokens()
     captured = []
     for model in (eager, fused):
@@ -96,7 +100,7 @@ def test_fused_telemetry_captures_what_eager_captures(residual):
             assert not captured[1][name][key].requires_grad
 
 
-def per_layer_saved(residual: str, fused: bool) -> float:
+def per_layer_saved(residual: str, fused: bool, recompute: bool = False) -> float:
     """d-sized fp32 values per token per layer that autograd saves: (S(6) - S(2)) / 4 at d 64, T 32."""
     saved_bytes = bench_module().saved_bytes
     d, t, b = 64, 32, 2
@@ -104,7 +108,8 @@ def per_layer_saved(residual: str, fused: bool) -> float:
     sizes = {}
     for layers in (2, 6):
         torch.manual_seed(0)
-        cfg = ModelConfig(vocab_size=64, d_model=d, n_layers=layers, n_heads=2, max_seq_len=t, residual=residual, fused_residual=fused)
+        cfg = ModelConfig(vocab_size=64, d_model=d, n_layers=layers, n_heads=2, max_seq_len=t, residual=residual, fused_residual=fused,
+                          fused_recompute_projections=recompute)
         model = Transformer(cfg)
         sizes[layers] = saved_bytes(model, model, batch[:, :-1], batch[:, 1:])
     return (sizes[6] - sizes[2]) / 4 / (b * t * d * 4)
@@ -112,8 +117,11 @@ def per_layer_saved(residual: str, fused: bool) -> float:
 
 def test_fused_mgt_saves_less_per_layer_than_eager():
     preln, eager, fused = per_layer_saved("preln", False), per_layer_saved("mgt", False), per_layer_saved("mgt", True)
-    print(f"saved d-sized fp32 values per token per layer (d 64, T 32): preln {preln:.2f}, mgt eager {eager:.2f}, mgt fused {fused:.2f}")
-    assert preln < fused < eager
+    recomputed = per_layer_saved("mgt", True, recompute=True)
+    print(f"saved d-sized fp32 values per token per layer (d 64, T 32): preln {preln:.2f}, mgt eager {eager:.2f}, "
+          f"fused {fused:.2f}, fused with projections recomputed {recomputed:.2f}")
+    assert preln < recomputed < fused < eager
+    assert recomputed <= 1.15 * preln  # issue 12's target: one d-sized tensor (v) per sublayer more than preln
 
 
 def test_compile_refused_by_the_pipeline_engine():

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_mgt.config import MGTConfig, ModelConfig
-from megatron_mgt.model.fused import beta_of, fused_tail
+from megatron_mgt.model.fused import beta_of, fused_tail, fused_update
 from megatron_mgt.model.norm import make_norm
 
 Sublayer = Callable[[torch.Tensor], torch.Tensor]
@@ -176,11 +176,20 @@ class GeometricResidual(ResidualRule):
         self.gate = DirectionGate(cfg) if gate else None
         self.delta = DeltaController(cfg.d_model, cfg.mgt) if delta else None
         self.fused = cfg.fused_residual
+        self.recompute_projections = cfg.fused_recompute_projections
 
     def update(self, x, sublayer):
         h = self.norm(x)
         v = sublayer(h)
         c = h if self.read_normed else x
+        if self.fused and self.recompute_projections:  # the same update, saving only x, v and c (model/fused.py)
+            d = self.delta
+            if d is not None and self.capture:
+                with torch.no_grad():
+                    self.record(beta=d.beta(c), alpha=d.alpha)
+            gate_norm = self.gate.norm if self.gate is not None else None
+            return fused_update(x, v, c, self.gate.proj if self.gate is not None else None, d.proj if d is not None else None,
+                                gate_norm, d.lam if d is not None else 0.0, d.eps if d is not None else 0.0, d.alpha if d is not None else None)
         if self.fused:  # the same update; the elementwise tail saves only x, v, gate_pre, beta_pre (model/fused.py)
             gate_pre = self.gate.proj(c) if self.gate is not None else None
             if self.delta is None:
