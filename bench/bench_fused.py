@@ -10,8 +10,9 @@ best fp32 GEMM at the start and end of the run), the bytes autograd saves per to
 layer ((S(L) - S(1)) / (L - 1), S = distinct saved storages of one fp32 forward, parameters
 excluded), peak memory, and every ratio to preln.
 
-Variants: a residual name with optional suffixes `+fused` (model.fused_residual) and
-`+compile` (model.compile, engine/single.compile_blocks), or `hf_llama`.
+Variants: a residual name with optional suffixes `+fused` (model.fused_residual),
+`+recompute` (model.fused_recompute_projections, implies +fused) and `+compile`
+(model.compile, engine/single.compile_blocks), or `hf_llama`.
 
     python bench/bench_fused.py --json bench_fused.json     # 12 x d256, 4 heads, vocab 8000, 8 x 256
     python bench/bench_fused.py --smoke --json /tmp/b.json  # tiny sizes, seconds (a test, not a measurement)
@@ -43,7 +44,7 @@ from megatron_mgt.flops import device_peak_flops  # noqa: E402
 from megatron_mgt.model import lm_loss  # noqa: E402
 from megatron_mgt.plan import saved_tensor_bytes  # noqa: E402
 
-DEFAULT_VARIANTS = ("preln", "mgt", "mgt+fused", "mgt+compile", HF_NAME)
+DEFAULT_VARIANTS = ("preln", "mgt", "mgt+fused", "mgt+recompute", "mgt+compile", "preln+compile", HF_NAME)
 SMOKE = {"layers": 2, "d_model": 32, "heads": 2, "vocab": 64, "batch": 2, "seq_len": 16, "steps": 2, "warmup": 1, "peak_seconds": 0.1}
 
 
@@ -59,10 +60,12 @@ def build(variant: str, shape: ModelConfig, device: torch.device):
         model, forward = build_hf_llama(shape)
         return model.to(device), forward
     residual, *options = variant.split("+")
-    unknown = set(options) - {"fused", "compile"}
+    unknown = set(options) - {"fused", "recompute", "compile"}
     if unknown:
-        raise ValueError(f"{variant}: unknown options {sorted(unknown)} (fused, compile)")
-    cfg = ModelConfig(**{**shape.__dict__, "fused_residual": "fused" in options, "compile": "compile" in options})
+        raise ValueError(f"{variant}: unknown options {sorted(unknown)} (fused, recompute, compile)")
+    recompute = "recompute" in options  # implies fused: the projections join the recomputed region
+    cfg = ModelConfig(**{**shape.__dict__, "fused_residual": recompute or "fused" in options,
+                         "fused_recompute_projections": recompute, "compile": "compile" in options})
     model, forward = build_ours(cfg, residual)
     compile_blocks(model.to(device), cfg)
     return model, forward
@@ -220,7 +223,7 @@ def format_table(out: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated: residual[+fused][+compile] or hf_llama")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated: residual[+fused][+recompute][+compile] or hf_llama")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)

@@ -121,3 +121,14 @@ def test_ngram_baselines_on_shards(tmp_path) -> None:
         baselines.ngram_baselines(str(tmp_path / "train"), str(tmp_path / "valid"), vocab_size=5)
     with pytest.raises(ValueError, match="max_train_tokens"):
         baselines.ngram_baselines(str(tmp_path / "train"), str(tmp_path / "valid"), vocab, max_train_tokens=1)
+
+
+def test_context_label_names_the_seeds_that_do_not_beat_the_bigram() -> None:
+    from megatron_mgt.experiments.arms import context_label
+
+    b = {"unigram": 5.0, "bigram_kn": 3.5}
+    assert context_label(3.6, b, {1: 3.0, 2: 4.2}) == "no context learned"  # the mean itself fails
+    assert context_label(3.2, b, {1: 2.8, 2: 2.9, 3: 3.9}) == "seed 3: no context learned"
+    assert context_label(3.4, b, {1: 3.5, 2: 3.5, 3: 3.2}) == "seeds 1, 2: no context learned"  # equal is not better
+    assert context_label(3.0, b, {1: 3.0, 2: 3.1}) == ""
+    assert context_label(3.0, b) == ""

@@ -100,9 +100,14 @@ def baselines_for(cfg: Config) -> dict:
     return ngram_baselines(cfg.data.train_prefix, cfg.data.valid_prefix, cfg.model.vocab_size)
 
 
-def context_label(loss: float, baselines: Mapping) -> str:
-    """'no context learned' for a held-out loss that does not beat the bigram."""
-    return "" if loss < baselines["bigram_kn"] else "no context learned"
+def context_label(loss: float, baselines: Mapping, per_seed: Mapping[int, float] | None = None) -> str:
+    """'no context learned' for a held-out (seed-mean) loss that does not beat the bigram;
+    otherwise the seeds that do not beat it, if any ('seed 2: no context learned'), so one
+    collapsed seed inside a good mean is not hidden."""
+    if loss >= baselines["bigram_kn"]:
+        return "no context learned"
+    failed = sorted(s for s, v in (per_seed or {}).items() if not v < baselines["bigram_kn"])
+    return f"seed{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))}: no context learned" if failed else ""
 
 
 def arms_for(requested) -> list[str]:
@@ -149,7 +154,7 @@ def compare_arms(runs: list[dict], arms: list[str], depth: int, baseline_arm: st
         row = {"arm": arm, "depth": depth, "lr": sweep["lr"], "lr_interior": sweep["interior"],
                "valid_loss": loss["mean"], "valid_loss_ci": loss["ci"], "seeds": loss["n"], "per_seed": losses,
                "diverged": sum(r["status"] == "diverged" for r in mine.values()),
-               "label": context_label(loss["mean"], baselines) if loss["n"] else "no finished run"}
+               "label": context_label(loss["mean"], baselines, losses) if loss["n"] else "no finished run"}
         for key in RANK_KEYS:
             row[key] = t_interval([float(r[key]) for r in mine.values() if r.get(key) is not None], level)["mean"]
         if arm != baseline_arm:
