@@ -21,6 +21,10 @@ Sections, each timed and recorded on its own (a failure is recorded, the next se
   learnable stream (each token's successor is fixed with probability 0.9): the loss must fall.
 - engines: the single and the FSDP engine (world size 1; NCCL on CUDA, gloo on CPU) from the
   same seed on the same batches: their losses must agree (fp32 tightly, bf16 loosely).
+- fused: bench/bench_fused.py's table (each variant in its own process, stepped round-robin):
+  tokens/s, MFU, saved bytes per token per layer and peak memory of preln, mgt eager, fused,
+  fused with recomputed projections and compiled blocks (and HF Llama where transformers is
+  installed), with every ratio to preln.
 
 Needs torch, numpy, pyyaml, tqdm and the repository on PYTHONPATH; nothing is installed.
 """
@@ -58,6 +62,12 @@ SHAPES = {
     "deep": (
         {"d_model": 512, "n_heads": 8, "n_layers": 200, "seq_len": 512, "vocab_size": 8192, "mbs": 8, "steps": 300, "lr": 1e-3},
         {"d_model": 32, "n_heads": 2, "n_layers": 6, "seq_len": 32, "vocab_size": 64, "mbs": 4, "steps": 40, "lr": 1e-2},
+    ),
+    "fused": (
+        {"d_model": 1024, "n_heads": 8, "n_layers": 8, "seq_len": 1024, "vocab_size": 32000, "mbs": 8, "steps": 6, "warmup": 2,
+         "variants": ("preln", "mgt", "mgt+fused", "mgt+recompute", "mgt+compile", "hf_llama")},
+        {"d_model": 32, "n_heads": 2, "n_layers": 2, "seq_len": 16, "vocab_size": 64, "mbs": 2, "steps": 2, "warmup": 1,
+         "variants": ("preln", "mgt", "mgt+recompute")},
     ),
     "engines": (
         {"d_model": 256, "n_heads": 4, "n_layers": 4, "seq_len": 256, "vocab_size": 4096, "mbs": 4, "steps": 5},
@@ -249,17 +259,19 @@ def check_activation_memory(device: torch.device, dry: bool) -> dict:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     lo, hi = s["depths"]
     out: dict = {"shape": s, "dtype": str(dtype), "variants": {}}
-    for residual in ("preln", "mgt"):
+    modes = {"preln": ("preln", {}), "mgt": ("mgt", {}), "mgt+fused": ("mgt", {"model.fused_residual": True}),
+             "mgt+recompute": ("mgt", {"model.fused_residual": True, "model.fused_recompute_projections": True})}
+    for name, (residual, knobs) in modes.items():
         held = {}
         for depth in (lo, hi):
-            cfg = model_config({**s, "n_layers": depth}, residual, **{"train.precision": "bf16" if dtype == torch.bfloat16 else "fp32"})
+            cfg = model_config({**s, "n_layers": depth}, residual, **{"train.precision": "bf16" if dtype == torch.bfloat16 else "fp32"}, **knobs)
             model = Transformer(cfg.model).to(device=device, dtype=dtype)  # whole-module bf16, as DeepSpeed runs it
             tokens = torch.randint(0, s["vocab_size"], (s["mbs"], s["seq_len"]), device=device)
             held[depth] = forward_bytes(model, tokens, device)
             del model
         plan = build_plan(cfg, Cluster(nodes=1, gpus_per_node=1, pipeline_stages=1))
         measured = (held[hi] - held[lo]) / (hi - lo) / 1e6 if held[lo] is not None else None
-        out["variants"][residual] = {
+        out["variants"][name] = {
             "measured_mb_per_block": measured,
             "plan_mb_per_block": plan.layer_activation_mb,
             "ratio": measured / plan.layer_activation_mb if measured is not None else None,
@@ -318,6 +330,16 @@ def check_deep(device: torch.device, dry: bool, budget_s: float) -> dict:
         out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     out["ok"] = out["finite"] and out["loss_last"] < out["loss_first"] - DEEP_MIN_DROP
     return out
+
+
+def check_fused(device: torch.device, dry: bool) -> dict:
+    """bench/bench_fused.py's side-by-side table at the section's shape (bf16 autocast on CUDA)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import bench_fused
+
+    s = shape("fused", dry)
+    return bench_fused.run(list(s["variants"]), s["n_layers"], s["d_model"], s["n_heads"], s["vocab_size"], s["mbs"], s["seq_len"],
+                           s["steps"], s["warmup"], 0.1 if dry else 1.0, 1 if dry else 0, str(device), log=lambda line: None)
 
 
 def check_engines(device: torch.device, dry: bool) -> dict:
@@ -416,6 +438,12 @@ def markdown(report: dict) -> str:
         ]
         for name, r in res["runs"].items():
             lines.append(f"| {name} | {r['max_abs_diff']:.3g} | {r['tolerance']:g} | {r['ok']} |")
+    if "result" in sec.get("fused", {}):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import bench_fused
+
+        lines += ["", "## MGT at the cost of its FLOPs: eager, fused, recomputed, compiled (bench/bench_fused.py)", "",
+                  bench_fused.format_table(sec["fused"]["result"]).strip()]
     for name, s in sec.items():
         if "error" in s:
             lines += ["", f"## {name}: {s['status']}", "", "```", s["error"], "```"]
@@ -455,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         "activation_memory": lambda: check_activation_memory(device, args.dry_run),
         "deep": lambda: check_deep(device, args.dry_run, args.deep_budget_s),
         "engines": lambda: check_engines(device, args.dry_run),
+        "fused": lambda: check_fused(device, args.dry_run),
     }
     only = {s for s in args.only.split(",") if s} or set(sections)
     for name, run in sections.items():
