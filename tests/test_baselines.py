@@ -127,7 +127,9 @@ def test_context_label_names_the_seeds_that_do_not_beat_the_bigram() -> None:
     from megatron_mgt.experiments.arms import context_label
 
     b = {"unigram": 5.0, "bigram_kn": 3.5}
-    assert context_label(3.6, b, {1: 3.0, 2: 4.2}) == "no context learned"  # the mean itself fails
+    assert context_label(3.6, b, {1: 3.0, 2: 4.2}) == "seed 2: no context learned"  # a bad mean from one seed
+    assert context_label(3.7, b, {1: 3.5, 2: 3.9}) == "no context learned"
+    assert context_label(3.6, b) == "no context learned"
     assert context_label(3.2, b, {1: 2.8, 2: 2.9, 3: 3.9}) == "seed 3: no context learned"
     assert context_label(3.4, b, {1: 3.5, 2: 3.5, 3: 3.2}) == "seeds 1, 2: no context learned"  # equal is not better
     assert context_label(3.0, b, {1: 3.0, 2: 3.1}) == ""

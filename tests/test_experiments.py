@@ -146,12 +146,18 @@ def test_rank_evolution_and_beta(micro):
     _check_outputs(root / "out" / "rank_evolution", ("table", "runs", "centered"))
     assert [p["step"] for p in results["runs"][0]["evolution"]] == [0, 3, 6]
     # beta_distribution reuses the mgt run and its evolution, through the CLI.
-    preset = write_preset("beta_distribution", {"variants": ["mgt"], "depths": [2], "seeds": [1]})
+    # beta_distribution on the tuned runs (the sweep's), through the CLI, with the evolution of the first seed.
+    preset = write_preset("beta_distribution", {"variants": ["mgt"], "depths": [2], "seeds": [1, 2], "tuning": TUNING, "evolution": True})
     assert experiment_main(["beta_distribution", "--preset", str(preset)]) == 0
-    beta = _check_outputs(root / "out" / "beta_distribution", ("table", "runs"))
+    beta = _check_outputs(root / "out" / "beta_distribution", ("table", "runs", "evolution", "lr_sweeps"))
     row = beta["table"][0]
     assert {"frac_negative_deep_third", "spearman_negfrac_depth", "spearman_negfrac_erank_out"} <= set(row)
-    assert [p["step"] for p in beta["runs"][0]["over_steps"]] == [0, 3, 6]
+    assert row["seeds"] == 2 and row["lr"] == beta["lr_sweeps"]["2"]["mgt"]["lr"]
+    by_seed = [r["final"]["deep_minus_shallow"] for r in beta["runs"]]
+    assert row["deep_minus_shallow"]["mean"] == pytest.approx(sum(by_seed) / 2)
+    assert row["decision_deeper"] in ("deeper", "shallower", "undetermined")
+    (steps,) = beta["evolution"].values()
+    assert [p["step"] for p in steps] == [0, 3, 6]
 
 
 def test_copy_task(micro):

@@ -101,12 +101,16 @@ def baselines_for(cfg: Config) -> dict:
 
 
 def context_label(loss: float, baselines: Mapping, per_seed: Mapping[int, float] | None = None) -> str:
-    """'no context learned' for a held-out (seed-mean) loss that does not beat the bigram;
-    otherwise the seeds that do not beat it, if any ('seed 2: no context learned'), so one
-    collapsed seed inside a good mean is not hidden."""
-    if loss >= baselines["bigram_kn"]:
+    """'no context learned' for a held-out loss that does not beat the Kneser-Ney bigram. With
+    `per_seed`, judged seed by seed: every seed fails -> 'no context learned'; some fail ->
+    which ('seed 2: no context learned'), so one collapsed seed is neither hidden inside a good
+    mean nor made to stand for the seeds that learned."""
+    bigram = baselines["bigram_kn"]
+    if not per_seed:
+        return "" if loss < bigram else "no context learned"
+    failed = sorted(s for s, v in per_seed.items() if not v < bigram)
+    if len(failed) == len(per_seed):
         return "no context learned"
-    failed = sorted(s for s, v in (per_seed or {}).items() if not v < baselines["bigram_kn"])
     return f"seed{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))}: no context learned" if failed else ""
 
 
@@ -161,5 +165,8 @@ def compare_arms(runs: list[dict], arms: list[str], depth: int, baseline_arm: st
             diff = paired_difference(losses, base_losses, level)
             row["diff_vs_baseline"] = diff
             row["decision"] = decide(diff, rule)["decision"]
+            for key in ("erank_tol_last", "ln_erank_tol_last"):  # seed-paired, as the loss (higher rank: diff > 0)
+                row[f"{key}_diff_vs_baseline"] = paired_difference(*({s: r[key] for s, r in runs_of.items() if r.get(key) is not None}
+                                                                     for runs_of in (mine, by_arm.get(baseline_arm, {}))), level)
         rows.append(row)
     return rows

@@ -1,15 +1,17 @@
-"""Protocol item 3: per layer and sublayer beta statistics over training, and the test of
-the hypothesis that negative beta appears systematically in deep layers and goes with
-preserved rank.
+"""Protocol item 3: per layer beta statistics after training, and the test of the
+hypothesis that negative beta appears systematically in deep layers and goes with preserved
+rank, on the tuned runs of the comparison (each arm at its own lr, experiments/arms.py).
 
-    mgt-experiment beta_distribution --preset configs/experiments/beta_distribution_cpu.yaml
+    mgt-experiment beta_distribution --preset configs/experiments/beta_distribution_cpu_v512.yaml
 
-grid: variants (those with a DDL controller: ddl, mgt), depths, seeds. Beta comes from the
-kept checkpoints (eval/evolution.json, the probe batch). Reported per run, at the last
-checkpoint: Spearman correlations over layers of (a) the layer's fraction of negative
-beta (attn and mlp sublayers averaged) with its depth, (b) with the effective rank of that
-layer's output X_{l+1}, (c) with the rank change through the layer erank(X_{l+1}) -
-erank(X_l); and the fraction of negative beta in the shallowest and deepest third.
+grid: variants (those with a DDL controller: ddl, mgt), depths, seeds, tuning, and
+`evolution` (default false: with true, beta over training from the kept checkpoints of the
+first seed, eval/evolution.json, which trains archived runs again). Beta comes from the probe
+batch of the run's final evaluation. Per run, over layers l: the fraction of negative beta
+(attn and mlp sublayers averaged) in the shallowest and deepest third and its Spearman
+correlations with (a) depth, (b) the effective rank of the layer's output X_{l+1}, (c) the
+rank change erank(X_{l+1}) - erank(X_l). Over seeds, t intervals of each, and the preset's
+decision rule on D_s = deep third - shallow third ("deeper" if the interval lies above 0).
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ import math
 
 from megatron_mgt import plots
 from megatron_mgt.config import derive
-from megatron_mgt.experiments.common import Experiment, run_grid, run_summary, variants_for
+from megatron_mgt.experiments.arms import arm_config, tuned_runs, tuning_settings
+from megatron_mgt.experiments.common import Experiment, run_grid, variants_for
 from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
-from megatron_mgt.stats import mean_std, spearman
+from megatron_mgt.stats import decide, spearman, t_interval
+
+STAT_KEYS = ("frac_negative_all", "frac_negative_shallow_third", "frac_negative_deep_third", "deep_minus_shallow", "spearman_negfrac_depth",
+             "spearman_negfrac_erank_out", "spearman_negfrac_erank_change", "spearman_betamean_erank_out")
+DEEPER = {"win": "deeper", "loss": "shallower", "undetermined": "undetermined"}  # decide() on -D: "win" = D's interval above 0
 
 
 def layer_beta(sublayers: dict, n_layers: int, key: str) -> list[float]:
@@ -48,6 +55,7 @@ def beta_rank_stats(point: dict, n_layers: int) -> dict:
         "frac_negative_all": sum(neg) / n_layers,
         "frac_negative_shallow_third": sum(neg[:third]) / third,
         "frac_negative_deep_third": sum(neg[-third:]) / third,
+        "deep_minus_shallow": sum(neg[-third:]) / third - sum(neg[:third]) / third,
         "spearman_negfrac_depth": spearman(neg, list(range(n_layers))),
         "spearman_negfrac_erank_out": spearman(neg, out_rank),
         "spearman_negfrac_erank_change": spearman(neg, change),
@@ -57,56 +65,74 @@ def beta_rank_stats(point: dict, n_layers: int) -> dict:
 
 def run(exp: Experiment) -> dict:
     g = exp.grid
-    variants = variants_for(g.get("variants", ["ddl", "mgt"]))
+    arms = variants_for(g.get("variants", ["ddl", "mgt"]))
     depths = [int(d) for d in g.get("depths", [exp.base.model.n_layers])]
     seeds = [int(s) for s in g.get("seeds", [exp.base.train.seed])]
-    specs = [(derive(exp.base, {"model.residual": v, "model.n_layers": d, "train.seed": s}), "") for d in depths for v in variants for s in seeds]
-    outcomes = run_grid(specs, exp.pool, "beta_distribution", evolution=True)
+    tuning = tuning_settings(g)
+    rule, level = exp.decision.get("rule", "ci_excludes_zero"), float(exp.decision.get("level", 0.95))
     out = exp.out
     out.mkdir(parents=True, exist_ok=True)
-    runs, scatter = [], {}
-    for o in outcomes:
-        d = o.cfg.model.n_layers
-        points = json.loads((o.run_dir / "eval" / "evolution.json").read_text())["points"]
-        if not any("beta" in s for s in points[-1]["sublayers"].values()):
-            continue
-        over_steps = [{"step": p["step"], **beta_rank_stats(p, d)} for p in points]
-        final = over_steps[-1]
-        summary = run_summary(o)
-        summary.update(over_steps=over_steps, final=final, sublayer_beta_final={k: v["beta"] for k, v in points[-1]["sublayers"].items() if "beta" in v})
-        runs.append(summary)
-        label = f"{o.cfg.model.residual} L{d} s{o.cfg.train.seed}"
-        scatter[label] = list(zip(final["frac_negative_by_layer"], points[-1]["erank"][1:], strict=True))
-        if o.cfg.train.seed == seeds[0]:
-            tag = f"{o.cfg.model.residual}_L{d}"
-            plots.plot_beta_by_layer(list(summary["sublayer_beta_final"].values()), out / f"beta_by_sublayer_{tag}.png",
-                                     f"beta per sublayer after training (attn, mlp alternating), {o.cfg.model.residual} {d} layers")
-            steps = [p["step"] for p in over_steps]
-            plots.plot_heatmap([[p["frac_negative_by_layer"][layer] for p in over_steps] for layer in range(d)], steps, out / f"negfrac_heatmap_{tag}.png",
-                               f"fraction of beta < 0 [layer, step], {o.cfg.model.residual} {d} layers", "fraction negative")
-            plots.plot_heatmap([[p["beta_mean_by_layer"][layer] for p in over_steps] for layer in range(d)], steps, out / f"betamean_heatmap_{tag}.png",
-                               f"mean beta [layer, step], {o.cfg.model.residual} {d} layers", "mean beta")
+    runs, scatter, rows, sweeps = [], {}, [], {}
+    for depth in depths:
+        sweeps[depth], mine = tuned_runs(exp, arms, depth, seeds, tuning, f"beta_distribution L{depth}")
+        for r in mine:
+            if not (r["beta_by_sublayer"] and r["erank"]):
+                continue  # diverged, or no controller
+            r["final"] = beta_rank_stats({"sublayers": {k: {"beta": v} for k, v in r["beta_by_sublayer"].items()}, "erank": r["erank"]}, depth)
+            runs.append(r)
+            scatter[f"{r['arm']} L{depth} s{r['seed']}"] = list(zip(r["final"]["frac_negative_by_layer"], r["erank"][1:], strict=True))
+            if r["seed"] == seeds[0]:
+                plots.plot_beta_by_layer(list(r["beta_by_sublayer"].values()), out / f"beta_by_sublayer_{r['arm']}_L{depth}.png",
+                                         f"beta per sublayer after training (attn, mlp alternating), {r['arm']} {depth} layers, lr {r['lr']:g}")
+        for arm in arms:
+            theirs = [r for r in runs if r["arm"] == arm and r["depth"] == depth]
+            if not theirs:
+                continue
+            row = {"variant": arm, "depth": depth, "lr": sweeps[depth][arm]["lr"], "seeds": len(theirs),
+                   **{key: t_interval([r["final"][key] for r in theirs], level) for key in STAT_KEYS}}
+            d = row["deep_minus_shallow"]
+            row["decision_deeper"] = DEEPER[decide({"ci": [-d["ci"][1], -d["ci"][0]]}, rule)["decision"]]
+            row["beta_min"] = min(min(b["min"] for b in r["beta_by_sublayer"].values()) for r in theirs)
+            row["beta_max"] = max(max(b["max"] for b in r["beta_by_sublayer"].values()) for r in theirs)
+            rows.append(row)
+    evolution = plot_evolution(exp, arms, depths, seeds[0], sweeps) if g.get("evolution", False) else {}
     plots.plot_scatter(scatter, out / "negfrac_vs_erank.png", "per layer, after training: fraction of beta < 0 vs erank of the layer output",
                        "fraction of beta < 0 (attn+mlp mean)", "erank(X_{l+1}) / min(T, d)")
-    rows = []
-    for v in variants:
-        for d in depths:
-            mine = [r for r in runs if r["residual"] == v and r["n_layers"] == d]
-            if not mine:
-                continue
-            row = {"variant": v, "depth": d, "seeds": len(mine)}
-            for key in ("frac_negative_all", "frac_negative_shallow_third", "frac_negative_deep_third", "spearman_negfrac_depth", "spearman_negfrac_erank_out",
-                        "spearman_negfrac_erank_change", "spearman_betamean_erank_out"):
-                row[key], row[key + "_std"], _ = mean_std([r["final"][key] for r in mine])
-            row["beta_min"] = min(min(b["min"] for b in r["sublayer_beta_final"].values()) for r in mine)
-            row["beta_max"] = max(max(b["max"] for b in r["sublayer_beta_final"].values()) for r in mine)
-            rows.append(row)
-    md = f"# beta_distribution\n\n{sizes_line(exp)}; depths {depths}; seeds {seeds}. Beta on the probe batch at the last checkpoint; Spearman over layers.\n\n"
-    md += markdown_table(["variant", "layers", "frac beta<0 (all)", "shallow third", "deep third", "rho(neg, depth)", "rho(neg, erank out)", "rho(neg, erank change)",
-                          "rho(mean beta, erank out)", "beta min", "beta max"],
-                         [[r["variant"], r["depth"], r["frac_negative_all"], r["frac_negative_shallow_third"], r["frac_negative_deep_third"], r["spearman_negfrac_depth"],
-                           r["spearman_negfrac_erank_out"], r["spearman_negfrac_erank_change"], r["spearman_betamean_erank_out"], r["beta_min"], r["beta_max"]] for r in rows])
-    md += "\n![scatter](negfrac_vs_erank.png)\n"
-    results = {"table": rows, "runs": runs}
+    md = (f"# beta_distribution\n\n{sizes_line(exp)}; depths {depths}; seeds {seeds}; every arm at its own tuned lr. Beta on the probe batch "
+          f"after training; Spearman over layers; mean over seeds with the {int(level * 100)}% t interval. Decision on D = deep third - shallow "
+          f"third of the fraction of beta < 0 under {rule}: 'deeper' if its interval lies above 0.\n\n")
+    md += markdown_table(["variant", "layers", "lr", "frac beta<0 (all)", "shallow third", "deep third", "D = deep - shallow (CI)", "decision",
+                          "rho(neg, depth)", "rho(neg, erank out) (CI)", "rho(neg, erank change) (CI)", "rho(mean beta, erank out)", "beta min", "beta max", "seeds"],
+                         [[r["variant"], r["depth"], r["lr"], r["frac_negative_all"]["mean"], r["frac_negative_shallow_third"]["mean"],
+                           r["frac_negative_deep_third"]["mean"], _with_ci(r["deep_minus_shallow"]), r["decision_deeper"], r["spearman_negfrac_depth"]["mean"],
+                           _with_ci(r["spearman_negfrac_erank_out"]), _with_ci(r["spearman_negfrac_erank_change"]), r["spearman_betamean_erank_out"]["mean"],
+                           r["beta_min"], r["beta_max"], r["seeds"]] for r in rows])
+    md += "\n![scatter](negfrac_vs_erank.png)\n" + "".join(f"![beta {r['variant']} L{r['depth']}](beta_by_sublayer_{r['variant']}_L{r['depth']}.png)\n" for r in rows)
+    results = {"table": rows, "runs": runs, "evolution": evolution, "lr_sweeps": {str(d): s for d, s in sweeps.items()},
+               "decision_rule": {"rule": rule, "level": level, "on": "D = frac beta<0, deep third - shallow third"}}
     write_results(exp, results, md)
     return results
+
+
+def plot_evolution(exp: Experiment, arms, depths, seed: int, sweeps) -> dict:
+    """Heatmaps of the fraction of negative and the mean beta [layer, step] from the kept
+    checkpoints of the first seed's tuned run (eval/evolution.json); returns {run: per-step stats}."""
+    specs = [(arm_config(derive(exp.base, {"model.n_layers": d, "train.seed": seed, "train.lr": sweeps[d][a]["lr"]}), a), "")
+             for d in depths for a in arms if sweeps[d][a]["lr"]]
+    evolution = {}
+    for o in run_grid(specs, exp.pool, "beta_distribution evolution", evolution=True):
+        d = o.cfg.model.n_layers
+        points = json.loads((o.run_dir / "eval" / "evolution.json").read_text())["points"]
+        over_steps = [beta_rank_stats(p, d) for p in points]
+        evolution[o.name] = [{"step": p["step"], **stats} for p, stats in zip(points, over_steps, strict=True)]
+        steps = [p["step"] for p in points]
+        tag = f"{o.cfg.model.residual}_L{d}"
+        plots.plot_heatmap([[p["frac_negative_by_layer"][layer] for p in over_steps] for layer in range(d)], steps, exp.out / f"negfrac_heatmap_{tag}.png",
+                           f"fraction of beta < 0 [layer, step], {o.cfg.model.residual} {d} layers", "fraction negative")
+        plots.plot_heatmap([[p["beta_mean_by_layer"][layer] for p in over_steps] for layer in range(d)], steps, exp.out / f"betamean_heatmap_{tag}.png",
+                           f"mean beta [layer, step], {o.cfg.model.residual} {d} layers", "mean beta")
+    return evolution
+
+
+def _with_ci(t: dict) -> str:
+    return f"{t['mean']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}]"

@@ -378,6 +378,7 @@ def run_summary(o: RunOutcome) -> dict:
         "erank_min": min(geo["erank"]) if geo else math.nan,
         "token_cosine_final_layer": geo["token_cosine"][-1] if geo else math.nan,
         "erank": geo.get("erank"),
+        "beta_by_sublayer": {k: v["beta"] for k, v in (geo.get("sublayers") or {}).items() if "beta" in v},  # probe batch, after training
         "erank_init": init.get("erank"),
         "tokens": o.info.get("tokens"),
         "wall_seconds": o.info.get("wall_seconds"),

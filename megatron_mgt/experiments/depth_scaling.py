@@ -57,6 +57,16 @@ def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, 
                      r["erank_tol_last"], r["ln_erank_tol_last"], r["collapsed_last"], r["seeds"], r["diverged"], r["label"]])
     md += markdown_table(["arm", "layers", "lr", "valid loss", "95% CI", f"- {baseline_arm}", "paired CI", "decision",
                           "erank_tol last", "erank_tol LN last", "collapsed", "seeds", "diverged", "note"], rows)
+    md += f"\n\nLast-layer rank after training (64 probe windows; erank_tol: singular values below 1e-4 s_max dropped), seed-paired against {baseline_arm}:\n\n"
+    rank_rows = []
+    for r in table:
+        cells = [r["arm"], r["depth"], r["erank_tol_last"], r["ln_erank_tol_last"], r["stable_rank_last"], r["token_cosine_last"]]
+        for key in ("erank_tol_last", "ln_erank_tol_last"):
+            d = r.get(f"{key}_diff_vs_baseline")
+            cells.append(f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else "-")
+        rank_rows.append(cells)
+    md += markdown_table(["arm", "layers", "erank_tol", "erank_tol of LN(X)", "stable rank", "token cosine", f"erank_tol - {baseline_arm} (CI)",
+                          f"LN erank_tol - {baseline_arm} (CI)"], rank_rows)
     md += "\n![loss](loss_vs_depth.png)\n![lr sweeps](lr_sweeps.png)\n![loss vs tokens](loss_vs_tokens.png)\n![loss vs flops](loss_vs_flops.png)\n![loss vs time](loss_vs_seconds.png)\n"
     md += "".join(f"![rank L{d}](erank_tol_by_layer_L{d}.png)\n![LN rank L{d}](ln_erank_tol_by_layer_L{d}.png)\n" for d in sorted({r["depth"] for r in table}))
     return md
