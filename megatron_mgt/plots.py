@@ -12,6 +12,8 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+from cycler import cycler
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -24,6 +26,16 @@ def _new_figure(figsize: tuple[float, float] = (7.0, 4.5)) -> Figure:
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+# 20 distinct line styles: the 10 tab10 colours solid, then dashed (a protocol table has 12 arms)
+_CYCLE = cycler(linestyle=["-", "--"]) * cycler(color=[f"tab:{c}" for c in ("blue", "orange", "green", "red", "purple", "brown", "pink", "gray", "olive", "cyan")])
+
+
+def _axes(fig: Figure) -> Axes:
+    ax = fig.add_subplot()
+    ax.set_prop_cycle(_CYCLE)
+    return ax
 
 
 def _save_atomic(fig: Figure, path: str | os.PathLike) -> None:
@@ -56,7 +68,7 @@ def plot_loss_curves(
     step (or `xlabel`); `markers[name]` (step, value) points are drawn as x in that series' colour. A
     series `dashed(name)` selects is drawn dashed in the colour of the series before it."""
     fig = _new_figure()
-    ax = fig.add_subplot()
+    ax = _axes(fig)
     line = None
     for name, points in series.items():
         if not points:
@@ -80,9 +92,11 @@ def plot_loss_curves(
 def plot_erank_vs_depth(curves: Mapping[str, Sequence[float]], path: str | os.PathLike, title: str) -> None:
     """Normalised effective rank against layer index, one line per variant or checkpoint; y in [0, 1]."""
     fig = _new_figure()
-    ax = fig.add_subplot()
+    ax = _axes(fig)
     for name, values in curves.items():
-        ax.plot(range(len(values)), values, label=name, marker="." if len(values) <= _MARKER_MAX_POINTS else None)
+        reference = name.startswith(("(", "Gaussian"))  # reference lines: black, no markers
+        style = {"color": "black", "linestyle": ":" if name.startswith("(") else "-.", "linewidth": 1.0} if reference else {}
+        ax.plot(range(len(values)), values, label=name, marker="." if len(values) <= _MARKER_MAX_POINTS and not reference else None, **style)
     ax.set(xlabel="layer", ylabel="effective rank / min(T, d)", title=title, ylim=(0.0, 1.02))
     ax.grid(alpha=0.3)
     if ax.lines:
@@ -102,7 +116,7 @@ def plot_beta_by_layer(
         return np.array([s[key] for s in stats_per_sublayer], dtype=float)
 
     fig = _new_figure()
-    ax = fig.add_subplot()
+    ax = _axes(fig)
     ax.fill_between(x, col("q05"), col("q95"), alpha=0.2, color="C0", label="q05-q95")
     ax.fill_between(x, col("q25"), col("q75"), alpha=0.35, color="C0", label="q25-q75")
     ax.plot(x, col("mean"), color="C0", label="mean")
@@ -132,7 +146,7 @@ def plot_heatmap(
     if data.ndim != 2 or data.size == 0 or data.shape[1] != len(steps):
         raise ValueError(f"matrix must be a non-empty [layers, {len(steps)}], got shape {data.shape}")
     fig = _new_figure()
-    ax = fig.add_subplot()
+    ax = _axes(fig)
     vmin, vmax = limits if limits is not None else (None, None)
     image = ax.imshow(np.ma.masked_invalid(data), aspect="auto", origin="lower", interpolation="nearest", vmin=vmin, vmax=vmax)
     ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), _MAX_XTICKS)).round().astype(int))
@@ -153,7 +167,7 @@ def plot_series_vs_x(
 ) -> None:
     """One line per series of (x, mean, spread) points, spread drawn as error bars (0 or NaN: none)."""
     fig = _new_figure()
-    ax = fig.add_subplot()
+    ax = _axes(fig)
     for name, points in series.items():
         points = sorted(p for p in points if np.isfinite(p[1]))
         if not points:
@@ -181,7 +195,7 @@ def plot_scatter(
 ) -> None:
     """Scatter of (x, y) points, one colour per group, optional text label per point."""
     fig = _new_figure()
-    ax = fig.add_subplot()
+    ax = _axes(fig)
     for name, points in groups.items():
         if not points:
             continue
@@ -204,7 +218,7 @@ def plot_lr_sweep(curves: Mapping[str, Mapping[float, float]], chosen: Mapping[s
     low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
     span = (high - low) or 1.0
     fig = _new_figure()
-    ax = fig.add_subplot()
+    ax = _axes(fig)
     for i, (name, losses) in enumerate(curves.items()):
         color = f"C{i % 10}"
         ok = sorted((lr, loss) for lr, loss in losses.items() if np.isfinite(loss))
