@@ -31,7 +31,7 @@ class MGTConfig:
     """Open knobs of the MGT update (spec section 1); used by `mhc`, `ddl` and `mgt`.
 
     beta = lam * tanh(X W_beta + b_beta) + eps, so beta lies in [eps - lam, eps + lam].
-    Defaults chosen by the knob sweep of docs/RESULTS.md section 7 (12 layers, CPU size, one
+    Defaults chosen by the knob sweep of docs/RESULTS.md Appendix A section 7 (12 layers, CPU size, one
     knob at a time): each is the best or tied-best value tried there. The evidence is weak
     (one seed, 61k tokens); beta_init is the one to re-test at 100-200 layers.
     """
