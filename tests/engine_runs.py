@@ -55,8 +55,12 @@ ENGINES = {
         "parallel.activation_checkpoint_interval": 1,
     },
 }
-# engine -> the one-process run it must match
-REFERENCE = {"pipe": "single", "fsdp": "single", "zero2": "single", "zero3": "single", "pipe_ckpt": "single_untied"}
+# model.compile under the data-parallel engines (blocks compiled before fully_shard / deepspeed.initialize)
+ENGINES["fsdp_compiled"] = {**ENGINES["fsdp"], "model.compile": True}
+ENGINES["zero2_compiled"] = {**ENGINES["zero2"], "model.compile": True}
+# engine -> the one-process (eager) run it must match
+REFERENCE = {"pipe": "single", "fsdp": "single", "zero2": "single", "zero3": "single", "pipe_ckpt": "single_untied",
+             "fsdp_compiled": "single", "zero2_compiled": "single"}
 COMMON = {
     "train.max_steps": STEPS,
     "train.grad_accum_steps": 2,
