@@ -124,18 +124,23 @@ def update_ratio(update: Tensor, x: Tensor) -> Tensor:
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(_F64).tiny), ratio)
 
 
-def layer_geometry(hidden: list[Tensor], center: bool) -> dict[str, list[float] | bool]:
-    """Per-layer batch means of effective_rank(X_l, center), token_cosine(X_l), relative_residual(X_l).
+LAYER_METRICS = ("erank", "token_cosine", "relative_residual")
 
-    hidden[l] is X_l of shape [B, T, d]. Returns {"erank": [L], "token_cosine": [L],
-    "relative_residual": [L], "centered": center}.
-    """
+
+def layer_metrics(h: Tensor, center: bool) -> dict[str, float]:
+    """Batch means of effective_rank(X, center), token_cosine(X), relative_residual(X) for one X [B, T, d]."""
     return {
-        "erank": [effective_rank(h, center).mean().item() for h in hidden],
-        "token_cosine": [token_cosine(h).mean().item() for h in hidden],
-        "relative_residual": [relative_residual(h).mean().item() for h in hidden],
-        "centered": center,
+        "erank": effective_rank(h, center).mean().item(),
+        "token_cosine": token_cosine(h).mean().item(),
+        "relative_residual": relative_residual(h).mean().item(),
     }
+
+
+def layer_geometry(hidden: list[Tensor], center: bool) -> dict[str, list[float] | bool]:
+    """Per-layer layer_metrics of X_l, hidden[l] of shape [B, T, d]. Returns {"erank": [L],
+    "token_cosine": [L], "relative_residual": [L], "centered": center}."""
+    rows = [layer_metrics(h, center) for h in hidden]
+    return {**{key: [row[key] for row in rows] for key in LAYER_METRICS}, "centered": center}
 
 
 def sublayer_geometry(captured: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict]:

@@ -16,9 +16,11 @@ its own scalar (`geometry/erank/003`). The probe forward runs without autocast a
 touch any RNG, so a run with telemetry trains exactly like one without.
 
 Engines: `engine.geometry_snapshot(probe, center)`. Single, ZeRO and FSDP run the whole
-`Transformer` on every rank (FSDP / ZeRO-3 gather parameters collectively); the DeepSpeed
-pipeline sends the probe through its schedule (`eval_batch`), each stage measures its own
-layers and sublayers, and the parts are gathered into one record. The main rank logs.
+`Transformer` on every rank (FSDP / ZeRO-3 gather parameters collectively) and split the
+per-layer metrics (an fp64 SVD per layer, the cost at depth) over the ranks: rank r measures
+layers l = r mod world_size; the DeepSpeed pipeline sends the probe through its schedule
+(`eval_batch`), each stage's data-parallel replicas split its layers, and the parts are
+gathered into one record. The main rank logs.
 
     python -m megatron_mgt.telemetry RUN_DIR     # erank / cosine heat maps from metrics.jsonl
 """

@@ -36,7 +36,8 @@ import torch
 
 from megatron_mgt.config import ConfigError, ModelConfig
 from megatron_mgt.engine import dist
-from megatron_mgt.geometry import geometry_snapshot
+from megatron_mgt.geometry import LAYER_METRICS, geometry_snapshot, layer_metrics, sublayer_geometry
+from megatron_mgt.model.transformer import capture_geometry
 
 TRAINER_STATE = "trainer.pt"  # the trainer's part of every checkpoint (megatron_mgt.checkpoint writes it)
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -81,13 +82,23 @@ class EngineBase:
 
     def geometry_snapshot(self, probe: torch.Tensor, center: bool) -> dict:
         """One forward pass of `self.model` (the whole Transformer) in eval mode; under
-        FSDP / ZeRO-3 every rank must call it (parameters are gathered collectively)."""
+        FSDP / ZeRO every rank must call it (parameters are gathered collectively). With
+        several ranks the per-layer metrics (an SVD per layer, the cost at depth) are split:
+        rank r measures layers l = r mod world_size and all_gather_object assembles them, so
+        the record equals the one-process geometry_snapshot at 1/world_size of its cost."""
         was_training = self.model.training
         self.model.eval()
         try:
-            return geometry_snapshot(self.model, probe, center)
+            if self.world_size == 1:
+                return geometry_snapshot(self.model, probe, center)
+            captured = capture_geometry(self.model, probe)
         finally:
             self.model.train(was_training)
+        hidden = captured["hidden"]
+        mine = {i: layer_metrics(hidden[i], center) for i in range(self.rank, len(hidden), self.world_size)}
+        rows = {i: row for part in dist.gather_objects(mine) for i, row in part.items()}
+        snap = {key: [rows[i][key] for i in range(len(hidden))] for key in LAYER_METRICS}
+        return {**snap, "centered": center, "sublayers": sublayer_geometry(captured["sublayers"])}
 
     def barrier(self) -> None:
         dist.barrier()

@@ -125,6 +125,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(all_max(1.0 if flag else 0.0, device))
 
 
+def gather_objects(obj) -> list:
+    """all_gather_object over the default group: every rank's `obj`, in rank order ([obj] alone)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

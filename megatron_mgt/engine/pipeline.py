@@ -34,11 +34,11 @@ from torch import nn
 
 from megatron_mgt.config import Config, ConfigError, ModelConfig
 from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult, checkpoint_step
-from megatron_mgt.engine.dist import dist_timeout, dp_slice, init_distributed, resolve_backend, shutdown, use_bf16
+from megatron_mgt.engine.dist import dist_timeout, dp_slice, gather_objects, init_distributed, resolve_backend, shutdown, use_bf16
 from megatron_mgt.engine.ds_common import deepspeed_config, ds_load, ds_save, import_deepspeed, update_norm
 from megatron_mgt.engine.optim import build_optimizer, set_schedule_step
 from megatron_mgt.engine.partition import layer_costs, partition_balanced
-from megatron_mgt.geometry import layer_geometry, sublayer_geometry
+from megatron_mgt.geometry import layer_metrics, sublayer_geometry
 from megatron_mgt.model import lm_loss
 from megatron_mgt.model.block import Block
 from megatron_mgt.model.norm import make_norm, norm_class
@@ -295,10 +295,9 @@ class PipelineEngine(EngineBase):
     def geometry_snapshot(self, probe: torch.Tensor, center: bool) -> dict:
         """The probe through the pipeline (every replica sends it whole); each stage records
         the stream after its embedding / blocks (forward hooks) and what its residual rules
-        capture, measures its own layers, and all_gather_object assembles replica 0's parts in
-        depth order: the same record geometry.geometry_snapshot gives for the whole model."""
-        import torch.distributed as dist
-
+        capture; the stage's data-parallel replicas split its layers between them, and
+        all_gather_object assembles the parts in depth order: the same record
+        geometry.geometry_snapshot gives for the whole model."""
         layers = {idx: m for idx, m in local_layers(self.model).items() if idx <= self.cfg.model.n_layers}  # embedding, blocks
         hidden: dict[int, torch.Tensor] = {}
         hooks = [m.register_forward_hook(lambda _m, _in, out, idx=idx: hidden.__setitem__(idx, out.detach())) for idx, m in layers.items()]
@@ -317,20 +316,13 @@ class PipelineEngine(EngineBase):
                 rule.capture, rule.captured = False, {}
             self.model.train(was_training)
         order = sorted(hidden)
-        mine = {
-            "layers": {
-                idx: {k: v[i] for k, v in layer_geometry([hidden[j] for j in order], center).items() if k != "centered"}
-                for i, idx in enumerate(order)
-            }
-        }
-        mine["sublayers"] = sublayer_geometry(captured)
-        parts: list = [None] * self.world_size
-        dist.all_gather_object(parts, (self.dp_rank, mine))
+        # the stage's replicas split its layers: replica r measures every dp_size-th one
+        mine = {"layers": {idx: layer_metrics(hidden[idx], center) for idx in order[self.dp_rank :: self.dp_size]}}
+        mine["sublayers"] = sublayer_geometry(captured) if self.dp_rank == 0 else {}
         layer_rows, sublayers = {}, {}
-        for dp_rank, part in parts:
-            if dp_rank == 0:
-                layer_rows.update(part["layers"])
-                sublayers.update(part["sublayers"])
+        for part in gather_objects(mine):
+            layer_rows.update(part["layers"])
+            sublayers.update(part["sublayers"])
         depth = sorted(layer_rows)
         snap = {key: [layer_rows[i][key] for i in depth] for key in ("erank", "token_cosine", "relative_residual")}
         snap["centered"] = center
