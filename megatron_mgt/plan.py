@@ -256,8 +256,8 @@ def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
     # Activations: one block and the head + loss, one micro-batch, measured on meta.
     fused = cluster.flash_attention
     layer_act, head_act = block_and_head_bytes(model, mbs, seq, dtype, fused)
-    x = model.rule_type.expand(torch.empty(mbs, seq, m_cfg.d_model, device="meta", dtype=dtype), m_cfg)
-    layer_input = x.numel() * x.element_size()
+    stream_width = model.rule_type.expand(torch.empty(1, 1, m_cfg.d_model, device="meta"), m_cfg).shape[-1]  # n*d for mhc_nstream
+    layer_input = mbs * seq * stream_width * torch.empty(0, dtype=dtype).element_size()
 
     grad_bytes = GRAD_ACCUM_BYTES + (wbytes if bf16 else 0)
     parts = []  # per stage: items, parameters, blocks, micro-batches in flight (1F1B: p - s), head activations
