@@ -21,6 +21,9 @@ Sections, each timed and recorded on its own (a failure is recorded, the next se
   learnable stream (each token's successor is fixed with probability 0.9): the loss must fall.
 - engines: the single and the FSDP engine (world size 1; NCCL on CUDA, gloo on CPU) from the
   same seed on the same batches: their losses must agree (fp32 tightly, bf16 loosely).
+- telemetry: one layer's centred erank at the 200-layer preset's probe shape ([4, 2048,
+  2048], float64) with eval.spectrum = svd and gram: seconds per layer and per snapshot, and
+  their agreement (the figure that sets log.geometry_every on GPUs).
 - fused: bench/bench_fused.py's table (each variant in its own process, stepped round-robin):
   tokens/s, MFU, saved bytes per token per layer and peak memory of preln, mgt eager, fused,
   fused with recomputed projections and compiled blocks (and HF Llama where transformers is
@@ -37,6 +40,7 @@ import importlib.util
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -68,6 +72,10 @@ SHAPES = {
          "variants": ("preln", "mgt", "mgt+fused", "mgt+recompute", "mgt+compile", "hf_llama")},
         {"d_model": 32, "n_heads": 2, "n_layers": 2, "seq_len": 16, "vocab_size": 64, "mbs": 2, "steps": 2, "warmup": 1,
          "variants": ("preln", "mgt", "mgt+recompute")},
+    ),
+    "telemetry": (  # one layer's probe stream at the 200-layer preset's shape (eval.geometry_batch 4 x 2048, d 2048)
+        {"batch": 4, "seq_len": 2048, "d_model": 2048, "n_layers": 200, "repeats": 3},
+        {"batch": 2, "seq_len": 32, "d_model": 32, "n_layers": 6, "repeats": 2},
     ),
     "engines": (
         {"d_model": 256, "n_heads": 4, "n_layers": 4, "seq_len": 256, "vocab_size": 4096, "mbs": 4, "steps": 5},
@@ -342,6 +350,33 @@ def check_fused(device: torch.device, dry: bool) -> dict:
                            s["steps"], s["warmup"], 0.1 if dry else 1.0, 1 if dry else 0, str(device), log=lambda line: None)
 
 
+def check_telemetry(device: torch.device, dry: bool) -> dict:
+    """Seconds of one layer's erank (geometry.effective_rank, centred, float64) at the preset's
+    probe shape, eval.spectrum = svd vs gram, their agreement, and what a snapshot's spectra
+    cost at n_layers (one rank; ranks split the layers)."""
+    from megatron_mgt.geometry import SPECTRA, effective_rank
+
+    s = shape("telemetry", dry)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(s["batch"], s["seq_len"], s["d_model"], generator=gen, device=device)  # the fp32 stream
+    out: dict = {"shape": s, "spectra": {}}
+    for spectrum in SPECTRA:
+        effective_rank(x, True, spectrum)  # warm-up (cusolver handles, workspace)
+        times = []
+        for _ in range(s["repeats"]):
+            sync(device)
+            t0 = time.perf_counter()
+            erank = effective_rank(x, True, spectrum)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        sec = statistics.median(times)
+        out["spectra"][spectrum] = {"seconds_per_layer": sec, "seconds_per_snapshot": sec * (s["n_layers"] + 1), "erank": erank.mean().item()}
+    out["erank_abs_diff"] = abs(out["spectra"]["svd"]["erank"] - out["spectra"]["gram"]["erank"])
+    out["gram_speedup"] = out["spectra"]["svd"]["seconds_per_layer"] / out["spectra"]["gram"]["seconds_per_layer"]
+    out["ok"] = out["erank_abs_diff"] < 1e-6
+    return out
+
+
 def check_engines(device: torch.device, dry: bool) -> dict:
     from megatron_mgt.engine.fsdp import FSDPEngine
     from megatron_mgt.engine.single import SingleEngine
@@ -438,6 +473,14 @@ def markdown(report: dict) -> str:
         ]
         for name, r in res["runs"].items():
             lines.append(f"| {name} | {r['max_abs_diff']:.3g} | {r['tolerance']:g} | {r['ok']} |")
+    if "result" in sec.get("telemetry", {}):
+        res = sec["telemetry"]["result"]
+        sh = res["shape"]
+        lines += ["", f"## Telemetry spectrum per layer ([{sh['batch']}, {sh['seq_len']}, {sh['d_model']}], float64, centred erank)", "",
+                  f"| eval.spectrum | s per layer | s per {sh['n_layers']}-layer snapshot (one rank) | erank |", "|---|---|---|---|"]
+        for name, r in res["spectra"].items():
+            lines.append(f"| {name} | {r['seconds_per_layer']:.3g} | {r['seconds_per_snapshot']:.3g} | {r['erank']:.6f} |")
+        lines.append(f"\ngram / svd speed-up {res['gram_speedup']:.2f}x, erank difference {res['erank_abs_diff']:.2g}.")
     if "result" in sec.get("fused", {}):
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import bench_fused
@@ -483,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         "activation_memory": lambda: check_activation_memory(device, args.dry_run),
         "deep": lambda: check_deep(device, args.dry_run, args.deep_budget_s),
         "engines": lambda: check_engines(device, args.dry_run),
+        "telemetry": lambda: check_telemetry(device, args.dry_run),
         "fused": lambda: check_fused(device, args.dry_run),
     }
     only = {s for s in args.only.split(",") if s} or set(sections)

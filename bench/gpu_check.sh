@@ -2,7 +2,7 @@
 # First checks on a single-GPU machine, from the working tree as it is (no install):
 # attention kernels against fp32 math, bf16 throughput / MFU of preln and mgt, activation
 # memory per block against mgt-plan, a 200-layer MGT trained with activation checkpointing,
-# single vs FSDP engine at world size 1, bench_fused's eager/fused/compiled table (bench/gpu_check.py).
+# single vs FSDP engine at world size 1, the telemetry spectrum (svd vs gram), bench_fused's eager/fused/compiled table (bench/gpu_check.py).
 # Under 9 minutes on one GPU.
 #   bash bench/gpu_check.sh [--out DIR] [--dry-run] [--only env,attention,...]
 # Output: DIR (default $OUT, else gpu_check_out)/gpu_check.json and gpu_check.md.

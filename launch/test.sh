@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh --dev
 export WANDB_MODE=disabled HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 DS_ACCELERATOR=cpu
-exec "${MGT_VENV:-.venv}/bin/python" -m pytest -q "$@"
+exec "${MGT_VENV:-.venv}/bin/python" -m pytest -q --durations=25 "$@"

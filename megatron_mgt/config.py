@@ -173,6 +173,7 @@ class EvalConfig:
     batches: int = 50  # held-out batches for perplexity
     geometry_batch: int = 4  # sequences in the fixed geometry-snapshot batch
     center: bool = True  # centre token matrices before effective rank
+    spectrum: Literal["svd", "gram"] = "svd"  # singular values for erank: float64 SVD (reference) or the Gram matrix's eigenvalues (fast on GPUs at large d)
     full_split: bool = False  # mgt-eval also scores every token of valid (and test): ppl per token and per word
     stride: int = 0  # full_split windows start every N tokens (0: seq_len, no overlap); < seq_len gives every token more context
     rank_windows: int = 0  # >0: mgt-eval adds the collapse-robust rank profile on this many windows spread over valid

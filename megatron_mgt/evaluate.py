@@ -130,13 +130,13 @@ def evaluate(cfg: Config, run_dir: Path, checkpoint: Path | None = None) -> dict
         "n_layers": cfg.model.n_layers,
         "valid": perplexity(model, cfg, device),
         "baselines": ngram_baselines(cfg.data.train_prefix, cfg.data.valid_prefix, cfg.model.vocab_size),
-        "geometry": geometry_snapshot(model, probe, cfg.eval.center),
+        "geometry": geometry_snapshot(model, probe, cfg.eval.center, cfg.eval.spectrum),
         **(
             {"splits": {name: split_perplexity(model, prefix, cfg, device) for name, prefix in eval_splits(cfg).items()}}
             if cfg.eval.full_split
             else {}
         ),
-        "geometry_at_init": geometry_snapshot(at_init, probe, cfg.eval.center),
+        "geometry_at_init": geometry_snapshot(at_init, probe, cfg.eval.center, cfg.eval.spectrum),
         "distance_from_init": distance_from_init(model, at_init),
     }
     if cfg.eval.rank_windows:

@@ -35,20 +35,51 @@ def _check_tokens(x: Tensor, min_tokens: int = 1) -> None:
         raise ValueError(f"expected [..., T>={min_tokens}, d], got shape {tuple(x.shape)}")
 
 
-def effective_rank(x: Tensor, center: bool) -> Tensor:
+SPECTRA = ("svd", "gram")
+
+
+def gram_singular_values(x: Tensor) -> Tensor:
+    """Singular values of X [..., T, d] from its k x k Gram matrix, k = min(T, d), in float64:
+    s_i = sqrt(lambda_i(X^T X)) (or of X X^T when T < d), descending.
+
+    One matmul and a symmetric eigensolve instead of an SVD of [T, d] (what GPUs do fast).
+    lambda is exact to about k eps64 lambda_max, so s_i below sqrt(k eps64) s_max (about
+    1.2e-7 s_max at k = 64, 6.7e-7 at 2048) are unresolved and returned as 0: exact rank
+    deficiency still reads as such. Above that floor s_i equals svdvals to about eps64 s_max^2 / s_i.
+    """
+    x64 = _as_f64(x)
+    t, d = x64.shape[-2:]
+    gram = x64.mT @ x64 if t >= d else x64 @ x64.mT
+    lam = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
+    floor = min(t, d) * torch.finfo(_F64).eps * lam[..., :1]
+    return torch.where(lam > floor, lam, torch.zeros_like(lam)).sqrt()
+
+
+def singular_values(x: Tensor, spectrum: str = "svd") -> Tensor:
+    """Singular values of X, descending: torch.linalg.svdvals in float64 (spectrum="svd", the
+    reference) or gram_singular_values (spectrum="gram", for large d on GPUs). Returns [..., min(T, d)]."""
+    if spectrum == "svd":
+        return torch.linalg.svdvals(_as_f64(x))
+    if spectrum == "gram":
+        return gram_singular_values(x)
+    raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
+
+
+def effective_rank(x: Tensor, center: bool, spectrum: str = "svd") -> Tensor:
     """Normalised effective rank erank(X) / min(T, d), in [0, 1].
 
     erank = exp(-sum_i p_i log p_i), p_i = s_i / sum_j s_j over the singular values of X
     (Roy & Vetterli 2007); with center=True, of X - 1 xbar^T. Singular values at or below
     max(T, d) * eps64 * |X|_F (uncentred X) count as zero, so exact rank deficiency,
     including centring round-off, is honoured; rounding already present in a float32 X is
-    measured as (tiny) rank. A zero matrix gives 0. Returns [...].
+    measured as (tiny) rank. A zero matrix gives 0. `spectrum` picks singular_values' method
+    ("gram" also drops what its eigensolve cannot resolve). Returns [...].
     """
     _check_tokens(x)
     x64 = _as_f64(x)
     t, d = x64.shape[-2:]
     tol = max(t, d) * torch.finfo(_F64).eps * torch.linalg.matrix_norm(x64)
-    s = torch.linalg.svdvals(_center(x64) if center else x64)
+    s = singular_values(_center(x64) if center else x64, spectrum)
     s = torch.where(s > tol.unsqueeze(-1), s, torch.zeros_like(s))
     total = s.sum(dim=-1)
     p = s / total.clamp_min(torch.finfo(_F64).tiny).unsqueeze(-1)
@@ -127,19 +158,19 @@ def update_ratio(update: Tensor, x: Tensor) -> Tensor:
 LAYER_METRICS = ("erank", "token_cosine", "relative_residual")
 
 
-def layer_metrics(h: Tensor, center: bool) -> dict[str, float]:
-    """Batch means of effective_rank(X, center), token_cosine(X), relative_residual(X) for one X [B, T, d]."""
+def layer_metrics(h: Tensor, center: bool, spectrum: str = "svd") -> dict[str, float]:
+    """Batch means of effective_rank(X, center, spectrum), token_cosine(X), relative_residual(X) for one X [B, T, d]."""
     return {
-        "erank": effective_rank(h, center).mean().item(),
+        "erank": effective_rank(h, center, spectrum).mean().item(),
         "token_cosine": token_cosine(h).mean().item(),
         "relative_residual": relative_residual(h).mean().item(),
     }
 
 
-def layer_geometry(hidden: list[Tensor], center: bool) -> dict[str, list[float] | bool]:
+def layer_geometry(hidden: list[Tensor], center: bool, spectrum: str = "svd") -> dict[str, list[float] | bool]:
     """Per-layer layer_metrics of X_l, hidden[l] of shape [B, T, d]. Returns {"erank": [L],
     "token_cosine": [L], "relative_residual": [L], "centered": center}."""
-    rows = [layer_metrics(h, center) for h in hidden]
+    rows = [layer_metrics(h, center, spectrum) for h in hidden]
     return {**{key: [row[key] for row in rows] for key in LAYER_METRICS}, "centered": center}
 
 
@@ -161,11 +192,11 @@ def sublayer_geometry(captured: dict[str, dict[str, torch.Tensor]]) -> dict[str,
     return out
 
 
-def geometry_snapshot(model: Transformer, tokens: torch.Tensor, center: bool) -> dict:
+def geometry_snapshot(model: Transformer, tokens: torch.Tensor, center: bool, spectrum: str = "svd") -> dict:
     """Per-layer erank / token cosine / relative residual and per-sublayer statistics
     (sublayer_geometry) of one forward pass of the whole model on `tokens`."""
     captured = capture_geometry(model, tokens)
-    snap = layer_geometry(captured["hidden"], center)
+    snap = layer_geometry(captured["hidden"], center, spectrum)
     snap["sublayers"] = sublayer_geometry(captured["sublayers"])
     return snap
 

@@ -15,9 +15,10 @@ beta and erase entries are null for rules without beta; mhc_nstream adds "h_res_
 its own scalar (`geometry/erank/003`). The probe forward runs without autocast and does not
 touch any RNG, so a run with telemetry trains exactly like one without.
 
-Engines: `engine.geometry_snapshot(probe, center)`. Single, ZeRO and FSDP run the whole
+Engines: `engine.geometry_snapshot(probe, center, spectrum)`. Single, ZeRO and FSDP run the whole
 `Transformer` on every rank (FSDP / ZeRO-3 gather parameters collectively) and split the
-per-layer metrics (an fp64 SVD per layer, the cost at depth) over the ranks: rank r measures
+per-layer metrics (a float64 spectrum per layer, the cost at depth: `eval.spectrum` = svd,
+the reference, or gram, the d x d Gram matrix's eigenvalues, for d in the thousands on GPUs) over the ranks: rank r measures
 layers l = r mod world_size; the DeepSpeed pipeline sends the probe through its schedule
 (`eval_batch`), each stage's data-parallel replicas split its layers, and the parts are
 gathered into one record. The main rank logs.
@@ -27,6 +28,7 @@ gathered into one record. The main rank logs.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 import warnings
@@ -38,6 +40,8 @@ from megatron_mgt import plots
 from megatron_mgt.config import Config
 from megatron_mgt.data.loader import check_token_ids, eval_batches
 from megatron_mgt.metrics import read_metrics
+
+COST_BUDGET = 0.05  # the share of wall time a run may spend in geometry snapshots before it is told
 
 LAYER_KEYS = ("erank", "token_cosine", "relative_residual")
 BETA_KEYS = ("mean", "std", "q05", "q50", "q95", "frac_negative")  # of geometry.beta_stats, per sublayer
@@ -65,7 +69,10 @@ class GeometryTelemetry:
 
     def __init__(self, cfg: Config, engine, log):
         self.every, self.center, self.log, self.engine = cfg.log.geometry_every, cfg.eval.center, log, engine
+        self.spectrum = cfg.eval.spectrum
         self.probe: torch.Tensor | None = None
+        self._last_end: float | None = None  # when the previous snapshot ended (its cost against the steps between)
+        self._warned = False
         if not self.every:
             return
         if not cfg.data.valid_prefix:
@@ -83,14 +90,35 @@ class GeometryTelemetry:
         if not self.every or step % self.every:
             return None
         t0 = time.perf_counter()
-        record = snapshot_record(self.engine.geometry_snapshot(self.probe, self.center), step)
+        record = snapshot_record(self.engine.geometry_snapshot(self.probe, self.center, self.spectrum), step)
         record["seconds"] = time.perf_counter() - t0
         self.log.log(record)
+        self._check_cost(step, record["seconds"], t0)
         if self.log.wandb is not None:  # the layer x step heat maps so far, as wandb images
             run_dir = self.log.path.parent
             maps = write_heatmaps(self.log.path, run_dir / "eval", run_dir.name)
             self.log.log_images(step, {f"geometry/{p.stem}": p for p in maps})
         return record
+
+
+    def _check_cost(self, step: int, seconds: float, started: float) -> None:
+        """Once per run: an event (and a warning) when a snapshot takes more than
+        COST_BUDGET of the wall time between two snapshots, with the cadence that would fit:
+        geometry_every' = ceil(geometry_every * fraction / COST_BUDGET)."""
+        previous, self._last_end = self._last_end, time.perf_counter()
+        if previous is None or self._warned:
+            return
+        fraction = seconds / max(started - previous + seconds, 1e-9)
+        if fraction <= COST_BUDGET:
+            return
+        self._warned = True
+        fits = math.ceil(self.every * fraction / COST_BUDGET)
+        message = (f"geometry telemetry takes {fraction:.0%} of the training time ({seconds:.2f} s per snapshot every "
+                   f"{self.every} steps, eval.spectrum={self.spectrum}); log.geometry_every={fits} keeps it under {COST_BUDGET:.0%}")
+        if self.engine.is_main:
+            warnings.warn(message, stacklevel=2)
+        self.log.log({"kind": "event", "step": step, "event": "telemetry_costly", "fraction": fraction,
+                      "seconds": seconds, "suggested_geometry_every": fits})
 
 
 def latest_per_step(records: list[dict]) -> list[dict]:

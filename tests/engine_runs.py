@@ -31,6 +31,13 @@ ENGINES = {
         "parallel.pipeline_stages": 2,
         "parallel.deepspeed_config": "configs/deepspeed/pipe_zero1.json",
     },
+    # one stage, two data-parallel replicas: they split the stage's telemetry layers and its checkpoint writes
+    "pipe_dp2": {
+        "train.micro_batch_size": GLOBAL_MICRO // 2,
+        "parallel.engine": "deepspeed_pipe",
+        "parallel.pipeline_stages": 1,
+        "parallel.deepspeed_config": "configs/deepspeed/pipe_zero1.json",
+    },
     "fsdp": {"train.micro_batch_size": GLOBAL_MICRO // 2, "parallel.engine": "fsdp"},
     "zero2": {
         "train.micro_batch_size": GLOBAL_MICRO // 2,
@@ -59,7 +66,7 @@ ENGINES = {
 ENGINES["fsdp_compiled"] = {**ENGINES["fsdp"], "model.compile": True}
 ENGINES["zero2_compiled"] = {**ENGINES["zero2"], "model.compile": True}
 # engine -> the one-process (eager) run it must match
-REFERENCE = {"pipe": "single", "fsdp": "single", "zero2": "single", "zero3": "single", "pipe_ckpt": "single_untied",
+REFERENCE = {"pipe": "single", "pipe_dp2": "single", "fsdp": "single", "zero2": "single", "zero3": "single", "pipe_ckpt": "single_untied",
              "fsdp_compiled": "single", "zero2_compiled": "single"}
 COMMON = {
     "train.max_steps": STEPS,

@@ -73,7 +73,7 @@ def test_same_geometry_telemetry_as_single(engine):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["pipe", "fsdp", "zero2"])
+@pytest.mark.parametrize("engine", ["pipe", "pipe_dp2", "fsdp", "zero2"])
 def test_exact_resume(engine):
     whole, parts = straight(engine), split(engine)
     a, b = train_records(whole), train_records(parts)
@@ -154,6 +154,11 @@ def test_deepspeed_config_takes_training_knobs_from_the_yaml(tmp_path):
     assert ds["train_batch_size"] == 60 and ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
     assert ds["gradient_clipping"] == 0.5 and ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["overlap_comm"] is True
     assert ds["bf16"] == {"enabled": False}
+    assert ds["checkpoint"]["parallel_write"] == {"pipeline_stage": True}  # the pipeline's replicas split the layer files
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"checkpoint": {"parallel_write": {"pipeline_stage": False}, "tag_validation": "Fail"}}))
+    cfg.parallel.deepspeed_config = str(own)
+    assert deepspeed_config(cfg, 1, False)["checkpoint"] == {"parallel_write": {"pipeline_stage": False}, "tag_validation": "Fail"}
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"train_batch_size": 64}))
     cfg.parallel.deepspeed_config = str(bad)

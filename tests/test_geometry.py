@@ -84,6 +84,32 @@ def test_erank_batching_matches_per_sample() -> None:
         assert bool(((batched > 0) & (batched <= 1)).all())
 
 
+@pytest.mark.parametrize("t,d", [(9, 5), (5, 9), (64, 64)])
+def test_gram_spectrum_matches_svd(t: int, d: int) -> None:
+    """eval.spectrum=gram: the Gram matrix's eigenvalues give svdvals (above its floor) and the same erank."""
+    x = torch.randn(3, t, d, generator=_gen(7)) * torch.logspace(0, -3, d)  # a spread spectrum, float32 like the stream
+    s_svd, s_gram = geo.singular_values(x, "svd"), geo.singular_values(x, "gram")
+    assert s_gram.shape == s_svd.shape == (3, min(t, d))
+    assert torch.allclose(s_gram, s_svd, rtol=1e-9, atol=1e-12 * s_svd.max().item())
+    for center in (False, True):
+        assert torch.allclose(geo.effective_rank(x, center, "gram"), geo.effective_rank(x, center, "svd"), rtol=1e-10, atol=0)
+
+
+def test_gram_spectrum_honours_exact_rank_and_zero() -> None:
+    """Below sqrt(k eps64) s_max the Gram eigensolve cannot resolve s_i: returned as 0, so a
+    rank-2 matrix reads erank 2/k exactly (float64 SVD: the same) and a zero matrix 0."""
+    t, d = 12, 8
+    s = torch.tensor([3.0, 1.0], dtype=torch.float64)
+    x = _orthonormal(t, 2, seed=8) @ torch.diag(s) @ _orthonormal(d, 2, seed=9).T
+    p = s / s.sum()
+    expected = math.exp(-sum(pi * math.log(pi) for pi in p.tolist())) / min(t, d)
+    assert geo.effective_rank(x, False, "gram").item() == pytest.approx(expected, rel=1e-12)
+    assert int((geo.singular_values(x, "gram") > 0).sum()) == 2
+    assert geo.effective_rank(torch.zeros(2, t, d), True, "gram").tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="spectrum must be one of"):
+        geo.singular_values(x, "qr")
+
+
 # ---------------------------------------------------------------- cosine / residual
 
 

@@ -14,7 +14,7 @@ import torch
 from megatron_mgt.model.attention import flash_refusal, flash_usable, kernel_description
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ["env", "attention", "throughput", "activation_memory", "deep", "engines", "fused"]
+SECTIONS = ["env", "attention", "throughput", "activation_memory", "deep", "engines", "telemetry", "fused"]
 
 
 def test_dry_run_writes_json_and_markdown(tmp_path):
@@ -38,6 +38,9 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
     assert fused["ratios"]["mgt+recompute/preln"]["saved_bytes_per_token_per_layer"] < fused["ratios"]["mgt/preln"]["saved_bytes_per_token_per_layer"]
     assert sec["deep"]["finite"] and sec["deep"]["loss_last"] < sec["deep"]["loss_first"]
     assert sec["engines"]["backend"] == "gloo" and sec["engines"]["runs"]["fp32"]["max_abs_diff"] <= 1e-4
+    spectra = sec["telemetry"]["spectra"]
+    assert set(spectra) == {"svd", "gram"} and all(r["seconds_per_layer"] > 0 for r in spectra.values())
+    assert sec["telemetry"]["erank_abs_diff"] < 1e-6
     md = (tmp_path / "out" / "gpu_check.md").read_text()
     for heading in (
         "# GPU check",
@@ -46,6 +49,7 @@ def test_dry_run_writes_json_and_markdown(tmp_path):
         "## Activation memory per block",
         "## Deep model",
         "## Single vs FSDP",
+        "## Telemetry spectrum per layer",
         "## MGT at the cost of its FLOPs",
     ):
         assert heading in md

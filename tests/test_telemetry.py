@@ -71,6 +71,24 @@ def test_telemetry_does_not_change_training(zipf_shards, tmp_path):
     assert losses(with_geo) == losses(without)
 
 
+def test_gram_spectrum_records_equal_svd_and_costly_cadence_is_reported(zipf_shards, tmp_path):
+    """eval.spectrum=gram gives the svd run's records (to 1e-6: it drops round-off-level s_i that svd keeps); a snapshot every step costs far
+    more than 5% of a tiny run's time: one telemetry_costly event with the cadence that would fit."""
+    short = {"train.max_steps": 4, "train.save_every": 0, "train.eval_every": 0, "log.geometry_every": 1}
+    _, _, svd = run(zipf_shards, tmp_path / "svd", **short)
+    with pytest.warns(UserWarning, match="geometry telemetry takes"):
+        _, _, gram = run(zipf_shards, tmp_path / "gram", **{**short, "eval.spectrum": "gram"})
+    geo = lambda recs: [r for r in recs if r["kind"] == "geometry"]  # noqa: E731
+    assert len(geo(gram)) == len(geo(svd)) == 5
+    for a, b in zip(geo(svd), geo(gram), strict=True):
+        assert a["erank"] == pytest.approx(b["erank"], rel=1e-6) and a["token_cosine"] == b["token_cosine"]
+    costly = [e for e in gram if e["kind"] == "event" and e["event"] == "telemetry_costly"]
+    assert len(costly) == 1 and 0.05 < costly[0]["fraction"] < 1
+    assert costly[0]["suggested_geometry_every"] == math.ceil(costly[0]["fraction"] / 0.05)
+    with pytest.raises(ConfigError, match="spectrum"):
+        load_config(None, ["eval.spectrum=qr"])
+
+
 def test_resumed_run_does_not_repeat_init_and_heatmap_keeps_last_per_step(zipf_shards, tmp_path):
     run(zipf_shards, tmp_path / "r", **{"log.geometry_every": 2, "train.exit_at_step": 4})
     _, result, records = run(zipf_shards, tmp_path / "r", **{"log.geometry_every": 2})

@@ -12,7 +12,7 @@
     rank, world_size          global process rank and count
     dp_rank, dp_size          data-parallel coordinates: the loader's rank/world_size
     is_main                   global rank 0: logs, metrics, checkpoint rename + pointer
-    geometry_snapshot(probe, center) -> geometry.geometry_snapshot of the whole model on every
+    geometry_snapshot(probe, center, spectrum) -> geometry.geometry_snapshot of the whole model on every
                               rank (the pipeline assembles it from what each stage measured)
     barrier(), any_rank(flag), close()
 
@@ -80,7 +80,7 @@ class EngineBase:
         if gate is not None:
             raise ConfigError(f"{type(self).__name__} cannot withhold an optimizer step: use stability.response=rollback or record")
 
-    def geometry_snapshot(self, probe: torch.Tensor, center: bool) -> dict:
+    def geometry_snapshot(self, probe: torch.Tensor, center: bool, spectrum: str = "svd") -> dict:
         """One forward pass of `self.model` (the whole Transformer) in eval mode; under
         FSDP / ZeRO every rank must call it (parameters are gathered collectively). With
         several ranks the per-layer metrics (an SVD per layer, the cost at depth) are split:
@@ -90,12 +90,12 @@ class EngineBase:
         self.model.eval()
         try:
             if self.world_size == 1:
-                return geometry_snapshot(self.model, probe, center)
+                return geometry_snapshot(self.model, probe, center, spectrum)
             captured = capture_geometry(self.model, probe)
         finally:
             self.model.train(was_training)
         hidden = captured["hidden"]
-        mine = {i: layer_metrics(hidden[i], center) for i in range(self.rank, len(hidden), self.world_size)}
+        mine = {i: layer_metrics(hidden[i], center, spectrum) for i in range(self.rank, len(hidden), self.world_size)}
         rows = {i: row for part in dist.gather_objects(mine) for i, row in part.items()}
         snap = {key: [rows[i][key] for i in range(len(hidden))] for key in LAYER_METRICS}
         return {**snap, "centered": center, "sublayers": sublayer_geometry(captured["sublayers"])}

@@ -109,6 +109,11 @@ def deepspeed_config(cfg: Config, dp_size: int, bf16: bool) -> dict:
         "bf16": bf16_section,
         "data_types": {**extra.get("data_types", {}), "grad_accum_dtype": GRAD_ACCUM_DTYPE},
     }
+    # The pipeline's data-parallel replicas split the writing of their stage's layer files
+    # (PipelineModule.save_state_dict; without it replica 0 writes all of them), unless the JSON says otherwise.
+    checkpoint = dict(extra.get("checkpoint", {}))
+    checkpoint["parallel_write"] = {"pipeline_stage": True, **checkpoint.get("parallel_write", {})}
+    config["checkpoint"] = checkpoint
     return config
 
 

@@ -292,7 +292,7 @@ class PipelineEngine(EngineBase):
                 e.first_output_send, e.pipe_recv_buf, e.grad_layer = True, None, None
 
     @torch.no_grad()
-    def geometry_snapshot(self, probe: torch.Tensor, center: bool) -> dict:
+    def geometry_snapshot(self, probe: torch.Tensor, center: bool, spectrum: str = "svd") -> dict:
         """The probe through the pipeline (every replica sends it whole); each stage records
         the stream after its embedding / blocks (forward hooks) and what its residual rules
         capture; the stage's data-parallel replicas split its layers between them, and
@@ -317,7 +317,7 @@ class PipelineEngine(EngineBase):
             self.model.train(was_training)
         order = sorted(hidden)
         # the stage's replicas split its layers: replica r measures every dp_size-th one
-        mine = {"layers": {idx: layer_metrics(hidden[idx], center) for idx in order[self.dp_rank :: self.dp_size]}}
+        mine = {"layers": {idx: layer_metrics(hidden[idx], center, spectrum) for idx in order[self.dp_rank :: self.dp_size]}}
         mine["sublayers"] = sublayer_geometry(captured) if self.dp_rank == 0 else {}
         layer_rows, sublayers = {}, {}
         for part in gather_objects(mine):

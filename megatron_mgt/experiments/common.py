@@ -279,7 +279,7 @@ def checkpoint_evolution(cfg: Config, run_dir: Path) -> dict:
         loss = heldout_loss(
             lambda x, y: lm_loss(model(x.to(device)), y.to(device)).item(), cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches
         )
-        return {"step": step, "valid_loss": loss["loss"], **geometry_snapshot(model, probe, cfg.eval.center)}
+        return {"step": step, "valid_loss": loss["loss"], **geometry_snapshot(model, probe, cfg.eval.center, cfg.eval.spectrum)}
 
     torch.manual_seed(cfg.train.seed)
     points = [record(Transformer(cfg.model).to(device).eval(), 0)]
