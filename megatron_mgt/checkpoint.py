@@ -23,6 +23,7 @@ import random
 import shutil
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -172,7 +173,8 @@ def save_checkpoint(
     (call this function on every rank, with the engine's `barrier` and `any_rank`). Only the
     main rank writes trainer.pt and the manifest, renames and moves the pointer. A failure on
     any rank removes the temp dir on all and raises CheckpointError. `keep > 0` prunes all but
-    the newest `keep` checkpoints after the pointer has moved."""
+    the newest `keep` checkpoints after the pointer has moved (prune_checkpoints: renamed
+    away at once, deleted in the background)."""
     name = f"step_{step:08d}"
     tmp, final = root / f".{name}.tmp", root / name
     if is_main:
@@ -203,16 +205,47 @@ def save_checkpoint(
         _fsync(root)
         write_text_atomic(root / LATEST, name + "\n")
         if keep > 0:
-            for old in complete_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            prune_checkpoints(root, keep)
     barrier()
     return final
 
 
+TRASH_SUFFIX = ".trash"
+_pruning: dict[Path, threading.Thread] = {}  # checkpoint root -> the thread deleting its pruned checkpoints
+
+
+def prune_checkpoints(root: Path, keep: int) -> list[Path]:
+    """All but the newest `keep` complete checkpoints leave `root` now (renamed to hidden
+    .step_N.trash dirs, one metadata operation each) and are deleted by a background thread,
+    so neither the barrier after a save nor the next training step waits for rmtree of a
+    ~190 GB checkpoint. A previous deletion still running is joined first. What a killed
+    process leaves as trash, remove_stale_temps removes at the next start. Returns the trash dirs."""
+    wait_for_pruning(root)
+    trash = []
+    for old in complete_checkpoints(root)[:-keep]:
+        target = old.with_name(f".{old.name}{TRASH_SUFFIX}")
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(old, target)
+        trash.append(target)
+    if trash:
+        thread = threading.Thread(target=lambda: [shutil.rmtree(t, ignore_errors=True) for t in trash], name=f"prune {root}")
+        thread.start()  # not a daemon: the interpreter finishes the deletion before it exits
+        _pruning[root] = thread
+    return trash
+
+
+def wait_for_pruning(root: Path | None = None) -> None:
+    """Join the background deletion of `root`'s pruned checkpoints (every root: None)."""
+    for key in [root] if root is not None else list(_pruning):
+        thread = _pruning.pop(key, None)
+        if thread is not None:
+            thread.join()
+
+
 def remove_stale_temps(root: Path) -> list[str]:
-    """Temp dirs and pointer files of checkpoint writes that a killed process left behind
-    (call it holding the run lock); returns their names."""
-    stale = sorted(root.glob(".step_*.tmp")) + sorted(root.glob(f".{LATEST}.tmp")) if root.is_dir() else []
+    """Temp dirs and pointer files of checkpoint writes, and pruned checkpoints not yet deleted,
+    that a killed process left behind (call it holding the run lock); returns their names."""
+    stale = sorted(root.glob(".step_*.tmp")) + sorted(root.glob(f".step_*{TRASH_SUFFIX}")) + sorted(root.glob(f".{LATEST}.tmp")) if root.is_dir() else []
     for path in stale:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return [p.name for p in stale]

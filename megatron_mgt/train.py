@@ -28,7 +28,15 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from megatron_mgt.checkpoint import Checkpointer, RunLock, RunLockedError, find_checkpoint, remove_stale_temps, write_text_atomic
+from megatron_mgt.checkpoint import (
+    Checkpointer,
+    RunLock,
+    RunLockedError,
+    find_checkpoint,
+    remove_stale_temps,
+    wait_for_pruning,
+    write_text_atomic,
+)
 from megatron_mgt.config import Config, ConfigError, load_config, to_dict
 from megatron_mgt.data.indexed import IndexedDataset
 from megatron_mgt.data.loader import TokenBatchLoader, check_token_ids, eval_batches
@@ -144,6 +152,7 @@ def train(cfg: Config) -> TrainResult:
         lock_run(lock, engine)
         return Trainer(cfg, engine, t_start).run()
     finally:
+        wait_for_pruning()  # old checkpoints still being deleted in the background: gone before the lock is let go
         if lock is not None:
             lock.release()
         engine.close()

@@ -104,10 +104,25 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path):
 
 
 def test_keep_prunes_old_checkpoints(tmp_path):
+    """Pruned checkpoints leave the listing at once (renamed to .trash) and are deleted in the
+    background; trash a killed process left behind goes at the next start."""
+    from megatron_mgt.checkpoint import prune_checkpoints, remove_stale_temps, wait_for_pruning
+
     root = tmp_path / "checkpoints"
     for step in range(1, 5):
-        save_checkpoint(root, step, lambda d: None, {"step": step}, keep=2)
-    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000004"]
+        save_checkpoint(root, step, lambda d: (d / "model.pt").write_bytes(b"x" * 4096), {"step": step}, keep=2)
+        assert sorted(p.name for p in root.glob("step_*")) == [f"step_{s:08d}" for s in range(max(1, step - 1), step + 1)]
+    wait_for_pruning(root)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003", "step_00000004"]
+    assert find_checkpoint(root, "auto").name == "step_00000004"
+    # a process killed mid-deletion: its trash is invisible to resume and removed at the next start
+    (root / ".step_00000002.trash").mkdir()
+    (root / ".step_00000002.trash" / "model.pt").write_bytes(b"partial")
+    assert [p.name for p in reversed(sorted(root.glob("step_*")))][0] == find_checkpoint(root, "auto").name
+    assert remove_stale_temps(root) == [".step_00000002.trash"]
+    assert prune_checkpoints(root, keep=1) == [root / ".step_00000003.trash"]
+    wait_for_pruning()
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004"]
 
 
 def test_vocab_mismatch_with_data_is_a_clear_error(zipf_shards, tmp_path):
