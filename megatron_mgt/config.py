@@ -154,6 +154,7 @@ class ParallelConfig:
     partition_method: str = "balanced"  # deepspeed_pipe: balanced (cost model) | parameters | uniform
     embed_cost: float = 1.0  # balanced: cost of the embedding stage item, in blocks (Megatron counts it as one layer)
     fsdp_reshard_after_forward: bool = True  # fsdp: free gathered params after forward (ZeRO-3-like)
+    fsdp_reduce_every_micro_batch: bool = False  # fsdp: reduce-scatter gradients after every micro-batch (sharded accumulation) instead of once per step
     dist_timeout_minutes: float = 30.0  # collective timeout (init_process_group, deepspeed.init_distributed): a hung rank fails the job
 
 

@@ -62,11 +62,13 @@ ENGINES = {
         "parallel.activation_checkpoint_interval": 1,
     },
 }
+# FSDP2 reduce-scattering after every micro-batch (sharded gradient accumulation)
+ENGINES["fsdp_rs_micro"] = {**ENGINES["fsdp"], "parallel.fsdp_reduce_every_micro_batch": True}
 # model.compile under the data-parallel engines (blocks compiled before fully_shard / deepspeed.initialize)
 ENGINES["fsdp_compiled"] = {**ENGINES["fsdp"], "model.compile": True}
 ENGINES["zero2_compiled"] = {**ENGINES["zero2"], "model.compile": True}
 # engine -> the one-process (eager) run it must match
-REFERENCE = {"pipe": "single", "pipe_dp2": "single", "fsdp": "single", "zero2": "single", "zero3": "single", "pipe_ckpt": "single_untied",
+REFERENCE = {"pipe": "single", "pipe_dp2": "single", "fsdp_rs_micro": "single", "fsdp": "single", "zero2": "single", "zero3": "single", "pipe_ckpt": "single_untied",
              "fsdp_compiled": "single", "zero2_compiled": "single"}
 COMMON = {
     "train.max_steps": STEPS,

@@ -5,8 +5,17 @@ Parameters, gradients and optimizer state are sharded over all ranks (ZeRO-3-lik
 backward, ZeRO-2-like). On CUDA with bf16 the MixedPrecisionPolicy computes in bf16 and
 reduces gradients in fp32; on CPU everything is fp32.
 
-Initialisation equals the single engine's: the full model is built from the seed on every
-rank, then sharded. Checkpoints are DCP (torch.distributed.checkpoint) sharded directories:
+Initialisation equals the single engine's without any rank holding the whole model on its
+device: every rank builds the model on the meta device, shards it, and allocates only its
+shards (`to_empty`); rank 0 builds the full model from the seed in host memory and
+`set_model_state_dict(..., broadcast_from_rank0=True)` sends each tensor's shards out (at the
+200-layer preset: 54 GB of host memory on rank 0, 1/world of it per device). Every rank then
+takes rank 0's RNG state, as if it had built the model itself.
+
+Gradients: by default the micro-batches accumulate unsharded gradients and reduce-scatter once
+per step (the least communication); `parallel.fsdp_reduce_every_micro_batch=true`
+reduce-scatters after every micro-batch and accumulates the shards (1/world of the gradient
+memory, one reduce-scatter per micro-batch). Checkpoints are DCP (torch.distributed.checkpoint) sharded directories:
 CKPT/dcp/ (model + optimizer, one file per rank + metadata) and CKPT/scheduler.pt.
 """
 
@@ -17,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_model_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -44,6 +53,19 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     return total
 
 
+def materialise_from_rank0(model: torch.nn.Module, cfg: ModelConfig, seed: int, rank: int) -> None:
+    """Fill a sharded, allocated (to_empty) model with the single engine's initialisation:
+    rank 0 builds Transformer(cfg) from `seed` on the CPU and broadcasts its full state dict,
+    each rank keeping its shards; then every rank takes rank 0's RNG state."""
+    torch.manual_seed(seed)
+    full = Transformer(cfg).state_dict() if rank == 0 else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    rng = [torch.get_rng_state()]
+    dist.broadcast_object_list(rng, src=0)
+    torch.set_rng_state(rng[0])
+
+
 class FSDPEngine(EngineBase):
     LAYOUT = "dcp"
 
@@ -55,13 +77,15 @@ class FSDPEngine(EngineBase):
         mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("dp",))
         self.bf16 = use_bf16(cfg, self.device)
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if self.bf16 else MixedPrecisionPolicy()
-        torch.manual_seed(cfg.train.seed)
-        model = Transformer(cfg.model).to(self.device)
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
         compile_blocks(model, cfg.model)  # before fully_shard
         reshard = cfg.parallel.fsdp_reshard_after_forward
         for block in model.layers.values():
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        model.to_empty(device=self.device)
+        materialise_from_rank0(model, cfg.model, cfg.train.seed, self.rank)
         self.model = model
         self.optimizer, self.scheduler = build_optimizer(model, cfg.train)
 
@@ -74,7 +98,8 @@ class FSDPEngine(EngineBase):
         total = torch.zeros((), device=self.device)
         n = len(micro_batches)
         for i, (inputs, targets) in enumerate(micro_batches):
-            self.model.set_requires_gradient_sync(i == n - 1)  # reduce-scatter once per step
+            # reduce-scatter once per step (unsharded grads accumulate), or after every micro-batch
+            self.model.set_requires_gradient_sync(self.cfg.parallel.fsdp_reduce_every_micro_batch or i == n - 1)
             loss = lm_loss(self.model(inputs.to(self.device)), targets.to(self.device)) / n
             loss.backward()
             total += loss.detach()
