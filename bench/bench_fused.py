@@ -36,10 +36,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import HF_NAME, Candidate, build_hf_llama, build_ours  # noqa: E402
+from bench_model import HF_NAME, Candidate, build, check_variants  # noqa: E402
 
 from megatron_mgt.config import ModelConfig  # noqa: E402
-from megatron_mgt.engine.single import compile_blocks  # noqa: E402
 from megatron_mgt.flops import device_peak_flops  # noqa: E402
 from megatron_mgt.model import lm_loss  # noqa: E402
 from megatron_mgt.plan import saved_tensor_bytes  # noqa: E402
@@ -52,23 +51,6 @@ def saved_bytes(model: nn.Module, forward, inputs: torch.Tensor, targets: torch.
     """Bytes autograd keeps for backward after forward + loss (`plan.saved_tensor_bytes`: distinct
     storages, parameters and buffers excluded)."""
     return saved_tensor_bytes(lambda: lm_loss(forward(inputs), targets), exclude=[*model.parameters(), *model.buffers()])
-
-
-def build(variant: str, shape: ModelConfig, device: torch.device):
-    """(model, forward) of a variant on `device`."""
-    if variant == HF_NAME:
-        model, forward = build_hf_llama(shape)
-        return model.to(device), forward
-    residual, *options = variant.split("+")
-    unknown = set(options) - {"fused", "recompute", "compile"}
-    if unknown:
-        raise ValueError(f"{variant}: unknown options {sorted(unknown)} (fused, recompute, compile)")
-    recompute = "recompute" in options  # implies fused: the projections join the recomputed region
-    cfg = ModelConfig(**{**shape.__dict__, "fused_residual": recompute or "fused" in options,
-                         "fused_recompute_projections": recompute, "compile": "compile" in options})
-    model, forward = build_ours(cfg, residual)
-    compile_blocks(model.to(device), cfg)
-    return model, forward
 
 
 def batch(shape: ModelConfig, size: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -247,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.smoke:
         sizes.update(SMOKE)
     sizes["batch_size"] = sizes.pop("batch")
-    out = run([v for v in args.variants.split(",") if v], threads=args.threads, device=args.device, **sizes)
+    out = run(check_variants(parser, [v for v in args.variants.split(",") if v]), threads=args.threads, device=args.device, **sizes)
     Path(args.json).write_text(json.dumps(out, indent=2))
     return out
 

@@ -31,6 +31,7 @@ except ImportError:  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_mgt.config import RESIDUALS, ModelConfig
+from megatron_mgt.engine.single import compile_blocks
 from megatron_mgt.flops import flops_per_token, matmul_params, measure_cpu_peak_flops
 from megatron_mgt.model import Transformer, lm_loss
 
@@ -64,6 +65,45 @@ def build_hf_llama(shape: ModelConfig) -> tuple[nn.Module, Callable[[torch.Tenso
     model = LlamaForCausalLM(config)
     assert model.config._attn_implementation == "sdpa"
     return model, lambda tokens: model(input_ids=tokens).logits
+
+
+VARIANT_OPTIONS = ("fused", "recompute", "compile")
+
+
+def parse_variant(variant: str) -> tuple[str, list[str]]:
+    """'mgt+fused' -> ('mgt', ['fused']); ValueError naming what is unknown."""
+    residual, *options = variant.split("+")
+    if variant != HF_NAME and residual not in RESIDUALS:
+        raise ValueError(f"variant {variant!r}: unknown residual {residual!r}; choose from {list(RESIDUALS)} (or {HF_NAME})")
+    unknown = set(options) - set(VARIANT_OPTIONS)
+    if unknown:
+        raise ValueError(f"variant {variant!r}: unknown options {sorted(unknown)} (choose from {', '.join(VARIANT_OPTIONS)})")
+    return residual, options
+
+
+def check_variants(parser: argparse.ArgumentParser, variants: list[str]) -> list[str]:
+    """The --variants list, or a usage error naming the bad entry."""
+    try:
+        for variant in variants:
+            parse_variant(variant)
+    except ValueError as err:
+        parser.error(str(err))
+    return variants
+
+
+def build(variant: str, shape: ModelConfig, device: torch.device | str = "cpu") -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
+    """(model, forward) of a variant on `device`: hf_llama, or residual[+fused][+recompute][+compile]
+    (model.fused_residual; +recompute: fused_recompute_projections, implies fused; model.compile)."""
+    if variant == HF_NAME:
+        model, forward = build_hf_llama(shape)
+        return model.to(device), forward
+    residual, options = parse_variant(variant)
+    recompute = "recompute" in options  # implies fused: the projections join the recomputed region
+    cfg = ModelConfig(**{**shape.__dict__, "fused_residual": recompute or "fused" in options,
+                         "fused_recompute_projections": recompute, "compile": "compile" in options})
+    model, forward = build_ours(cfg, residual)
+    compile_blocks(model.to(device), cfg)
+    return model, forward
 
 
 class Candidate:
@@ -108,9 +148,6 @@ def run(
     """Time every candidate round-robin; return per-candidate medians, MFU and ratios."""
     if threads:
         torch.set_num_threads(threads)
-    unknown = [v for v in variants if v not in RESIDUALS]
-    if unknown:
-        raise ValueError(f"unknown residual variants {unknown}; choose from {list(RESIDUALS)}")
     shape = ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=layers, n_heads=heads, max_seq_len=seq_len)
 
     load_start = os.getloadavg()[0]
@@ -120,7 +157,7 @@ def run(
     candidates: list[Candidate] = []
     for name in variants:
         torch.manual_seed(seed)
-        candidates.append(Candidate(name, *build_ours(shape, name), shape, seq_len))
+        candidates.append(Candidate(name, *build(name, shape), shape, seq_len))
     if hf:
         torch.manual_seed(seed)
         candidates.append(Candidate(HF_NAME, *build_hf_llama(shape), shape, seq_len))
@@ -166,7 +203,8 @@ def run(
     # median-step ratios are the headline; best-step ratios (uncontended cost) show how
     # much of a median ratio is noise on a shared machine
     ratios = {}
-    for num, den in (("mgt", "preln"), ("preln", HF_NAME)):
+    pairs = [("mgt", "preln"), *((v, "preln") for v in variants if v.startswith("mgt+")), ("preln", HF_NAME)]
+    for num, den in pairs:
         if num in results and den in results:
             a, b = results[num], results[den]
             ratios[f"{num}/{den} tokens/s (median step)"] = a["tokens_per_s"] / b["tokens_per_s"]
@@ -221,14 +259,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--variants", default=",".join(RESIDUALS), help="comma-separated residual variants")
+    parser.add_argument("--variants", default=",".join(RESIDUALS), help="comma-separated: residual[+fused][+recompute][+compile]")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face Llama comparison")
     parser.add_argument("--peak-seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     parser.add_argument("--json", default="", help="also write the result dict to this file")
     args = parser.parse_args(argv)
     out = run(
-        variants=[v for v in args.variants.split(",") if v],
+        variants=check_variants(parser, [v for v in args.variants.split(",") if v]),
         layers=args.layers,
         d_model=args.d_model,
         heads=args.heads,
