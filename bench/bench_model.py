@@ -31,6 +31,7 @@ except ImportError:  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_mgt.config import RESIDUALS, ModelConfig
+from megatron_mgt.engine.host_memory import tune_cpu_malloc
 from megatron_mgt.engine.single import compile_blocks
 from megatron_mgt.flops import flops_per_token, matmul_params, measure_cpu_peak_flops
 from megatron_mgt.model import Transformer, lm_loss
@@ -158,7 +159,7 @@ def run(
     for name in variants:
         torch.manual_seed(seed)
         candidates.append(Candidate(name, *build(name, shape), shape, seq_len))
-    if hf:
+    if hf and HF_NAME not in variants:  # named in --variants already: built above
         torch.manual_seed(seed)
         candidates.append(Candidate(HF_NAME, *build_hf_llama(shape), shape, seq_len))
 
@@ -264,7 +265,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     parser.add_argument("--json", default="", help="also write the result dict to this file")
+    parser.add_argument("--cpu-malloc", choices=("keep", "default"), default="keep",
+                        help="glibc malloc as train.cpu_malloc sets it (engine/host_memory.py; default keep, as training does)")
     args = parser.parse_args(argv)
+    malloc = tune_cpu_malloc(args.cpu_malloc)
     out = run(
         variants=check_variants(parser, [v for v in args.variants.split(",") if v]),
         layers=args.layers,
@@ -279,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
         peak_seconds=args.peak_seconds,
         threads=args.threads,
     )
+    out["cpu_malloc"] = malloc
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out

@@ -178,6 +178,7 @@ def save_checkpoint(
     name = f"step_{step:08d}"
     tmp, final = root / f".{name}.tmp", root / name
     if is_main:
+        wait_for_pruning(root)  # the previous prune's space is free before this checkpoint needs it
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
@@ -205,7 +206,7 @@ def save_checkpoint(
         _fsync(root)
         write_text_atomic(root / LATEST, name + "\n")
         if keep > 0:
-            prune_checkpoints(root, keep)
+            prune_checkpoints(root, keep, current=final)
     barrier()
     return final
 
@@ -214,24 +215,47 @@ TRASH_SUFFIX = ".trash"
 _pruning: dict[Path, threading.Thread] = {}  # checkpoint root -> the thread deleting its pruned checkpoints
 
 
-def prune_checkpoints(root: Path, keep: int) -> list[Path]:
-    """All but the newest `keep` complete checkpoints leave `root` now (renamed to hidden
-    .step_N.trash dirs, one metadata operation each) and are deleted by a background thread,
-    so neither the barrier after a save nor the next training step waits for rmtree of a
-    ~190 GB checkpoint. A previous deletion still running is joined first. What a killed
-    process leaves as trash, remove_stale_temps removes at the next start. Returns the trash dirs."""
+def prune_checkpoints(root: Path, keep: int, current: Path | None = None) -> list[Path]:
+    """All but the newest `keep` complete checkpoints (and never `current`, the one `latest`
+    points at, which may be older after a resume from an explicit one) leave `root` now:
+    renamed to hidden .step_N.trash dirs, one metadata operation each, and deleted by a
+    background thread, so neither the barrier after a save nor the next training steps wait
+    for rmtree of a ~190 GB checkpoint. A checkpoint that cannot be renamed stays, with a
+    warning (pruning never fails a save). Returns the trash dirs."""
     wait_for_pruning(root)
     trash = []
     for old in complete_checkpoints(root)[:-keep]:
+        if current is not None and old == current:
+            continue
         target = old.with_name(f".{old.name}{TRASH_SUFFIX}")
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(old, target)
+        try:
+            shutil.rmtree(target, ignore_errors=True)
+            os.rename(old, target)
+        except OSError as err:
+            _stderr_warning(f"could not prune checkpoint {old} ({err}); it stays")
+            continue
         trash.append(target)
-    if trash:
-        thread = threading.Thread(target=lambda: [shutil.rmtree(t, ignore_errors=True) for t in trash], name=f"prune {root}")
-        thread.start()  # not a daemon: the interpreter finishes the deletion before it exits
-        _pruning[root] = thread
+    delete_in_background(root, trash)
     return trash
+
+
+def delete_in_background(root: Path, paths: list[Path]) -> None:
+    """rmtree `paths` in a thread registered under `root` (wait_for_pruning joins it); not a
+    daemon, so the interpreter finishes the deletion before it exits. What cannot be deleted
+    is left with a warning (remove_stale_temps tries again at the next start)."""
+    if not paths:
+        return
+
+    def delete() -> None:
+        for path in paths:
+            if sys.version_info >= (3, 12):
+                shutil.rmtree(path, onexc=lambda _fn, p, err: _stderr_warning(f"could not delete {p}: {err}"))
+            else:
+                shutil.rmtree(path, onerror=lambda _fn, p, info: _stderr_warning(f"could not delete {p}: {info[1]}"))
+
+    thread = threading.Thread(target=delete, name=f"prune {root}")
+    thread.start()
+    _pruning[root] = thread
 
 
 def wait_for_pruning(root: Path | None = None) -> None:
@@ -243,12 +267,18 @@ def wait_for_pruning(root: Path | None = None) -> None:
 
 
 def remove_stale_temps(root: Path) -> list[str]:
-    """Temp dirs and pointer files of checkpoint writes, and pruned checkpoints not yet deleted,
-    that a killed process left behind (call it holding the run lock); returns their names."""
-    stale = sorted(root.glob(".step_*.tmp")) + sorted(root.glob(f".step_*{TRASH_SUFFIX}")) + sorted(root.glob(f".{LATEST}.tmp")) if root.is_dir() else []
+    """Temp dirs and pointer files of checkpoint writes (removed now), and pruned checkpoints
+    not yet deleted (.step_N.trash, deleted in the background), that a killed process left
+    behind (call it holding the run lock); returns their names."""
+    if not root.is_dir():
+        return []
+    stale = sorted(root.glob(".step_*.tmp")) + sorted(root.glob(f".{LATEST}.tmp"))
     for path in stale:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return [p.name for p in stale]
+    trash = sorted(root.glob(f".step_*{TRASH_SUFFIX}"))
+    wait_for_pruning(root)
+    delete_in_background(root, trash)  # a pruned checkpoint can be ~190 GB: not on the start-up path
+    return [p.name for p in stale + trash]
 
 
 def complete_checkpoints(root: Path) -> list[Path]:

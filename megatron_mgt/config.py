@@ -135,6 +135,7 @@ class TrainConfig:
     exit_after_minutes: float = 0.0  # >0: checkpoint and exit once this wall time has passed (job limits)
     run_dir: str = "runs/default"
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    cpu_malloc: Literal["keep", "default"] = "keep"  # CPU runs: glibc malloc keeps freed memory instead of re-faulting pages every step (engine/host_memory.py)
 
 
 PARTITION_METHODS = ("balanced", "parameters", "uniform")
@@ -399,7 +400,7 @@ def validate_parallel(cfg: Config) -> None:
 RESUME_MAY_CHANGE = (
     "train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.max_steps", "train.weight_decay", "train.beta1", "train.beta2",
     "train.grad_clip", "train.eval_every", "train.eval_batches", "train.save_every", "train.keep_checkpoints", "train.resume",
-    "train.exit_at_step", "train.exit_after_minutes", "train.run_dir", "train.threads", "train.device", "train.precision",
+    "train.exit_at_step", "train.exit_after_minutes", "train.run_dir", "train.threads", "train.cpu_malloc", "train.device", "train.precision",
     "data.valid_prefix", "data.test_prefix", "data.tokenizer", "parallel.*", "log.*", "eval.*", "stability.*",
     # how the same model is computed (the same weights, the same function): kernels, fusion, compile
     "model.attention_kernel", "model.fused_residual", "model.fused_recompute_projections", "model.compile",

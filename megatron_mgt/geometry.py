@@ -43,15 +43,16 @@ def gram_singular_values(x: Tensor) -> Tensor:
     s_i = sqrt(lambda_i(X^T X)) (or of X X^T when T < d), descending.
 
     One matmul and a symmetric eigensolve instead of an SVD of [T, d] (what GPUs do fast).
-    lambda is exact to about k eps64 lambda_max, so s_i below sqrt(k eps64) s_max (about
-    1.2e-7 s_max at k = 64, 6.7e-7 at 2048) are unresolved and returned as 0: exact rank
-    deficiency still reads as such. Above that floor s_i equals svdvals to about eps64 s_max^2 / s_i.
+    Forming the product (inner dimension max(T, d)) and the eigensolve make lambda exact to
+    about n eps64 lambda_max, n = max(T, d), so s_i below sqrt(n eps64) s_max (about 1.2e-7
+    s_max at n = 64, 6.7e-7 at 2048) are unresolved and returned as 0: exact rank deficiency
+    still reads as such. Above that floor s_i equals svdvals to about n eps64 s_max^2 / s_i.
     """
     x64 = _as_f64(x)
     t, d = x64.shape[-2:]
     gram = x64.mT @ x64 if t >= d else x64 @ x64.mT
     lam = torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0)
-    floor = min(t, d) * torch.finfo(_F64).eps * lam[..., :1]
+    floor = max(t, d) * torch.finfo(_F64).eps * lam[..., :1]
     return torch.where(lam > floor, lam, torch.zeros_like(lam)).sqrt()
 
 

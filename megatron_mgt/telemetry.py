@@ -93,32 +93,33 @@ class GeometryTelemetry:
         record = snapshot_record(self.engine.geometry_snapshot(self.probe, self.center, self.spectrum), step)
         record["seconds"] = time.perf_counter() - t0
         self.log.log(record)
-        self._check_cost(step, record["seconds"], t0)
         if self.log.wandb is not None:  # the layer x step heat maps so far, as wandb images
             run_dir = self.log.path.parent
             maps = write_heatmaps(self.log.path, run_dir / "eval", run_dir.name)
             self.log.log_images(step, {f"geometry/{p.stem}": p for p in maps})
+        self._check_cost(step, t0, time.perf_counter())
         return record
 
-
-    def _check_cost(self, step: int, seconds: float, started: float) -> None:
-        """Once per run: an event (and a warning) when a snapshot takes more than
-        COST_BUDGET of the wall time between two snapshots, with the cadence that would fit:
-        geometry_every' = ceil(geometry_every * fraction / COST_BUDGET)."""
-        previous, self._last_end = self._last_end, time.perf_counter()
+    def _check_cost(self, step: int, started: float, ended: float) -> None:
+        """Once per run: an event (and a warning) when telemetry (snapshot + heat maps, S
+        seconds) takes more than B = COST_BUDGET of the wall time since the previous one
+        ended (W seconds of training in between), f = S / (S + W) > B, with the cadence that
+        brings it under B: geometry_every' = ceil(geometry_every * S (1 - B) / (B W))."""
+        previous, self._last_end = self._last_end, ended
         if previous is None or self._warned:
             return
-        fraction = seconds / max(started - previous + seconds, 1e-9)
+        cost, between = ended - started, max(started - previous, 1e-9)
+        fraction = cost / (cost + between)
         if fraction <= COST_BUDGET:
             return
         self._warned = True
-        fits = math.ceil(self.every * fraction / COST_BUDGET)
-        message = (f"geometry telemetry takes {fraction:.0%} of the training time ({seconds:.2f} s per snapshot every "
-                   f"{self.every} steps, eval.spectrum={self.spectrum}); log.geometry_every={fits} keeps it under {COST_BUDGET:.0%}")
+        fits = math.ceil(self.every * cost * (1 - COST_BUDGET) / (COST_BUDGET * between))
+        message = (f"geometry telemetry takes {fraction:.0%} of the training time ({cost:.2f} s every {self.every} steps, "
+                   f"eval.spectrum={self.spectrum}); log.geometry_every={fits} keeps it under {COST_BUDGET:.0%}")
         if self.engine.is_main:
             warnings.warn(message, stacklevel=2)
         self.log.log({"kind": "event", "step": step, "event": "telemetry_costly", "fraction": fraction,
-                      "seconds": seconds, "suggested_geometry_every": fits})
+                      "seconds": cost, "training_seconds": between, "suggested_geometry_every": fits})
 
 
 def latest_per_step(records: list[dict]) -> list[dict]:

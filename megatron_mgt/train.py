@@ -43,6 +43,7 @@ from megatron_mgt.data.loader import TokenBatchLoader, check_token_ids, eval_bat
 from megatron_mgt.engine import build_engine
 from megatron_mgt.engine.base import StepResult
 from megatron_mgt.engine.dist import all_max, resolve_device, use_bf16
+from megatron_mgt.engine.host_memory import tune_cpu_malloc
 from megatron_mgt.flops import device_peak_flops, flops_per_token, matmul_params
 from megatron_mgt.metrics import MetricsLog, NullLog
 from megatron_mgt.model import Transformer
@@ -146,7 +147,10 @@ def train(cfg: Config) -> TrainResult:
         torch.set_num_threads(cfg.train.threads)
     check_tokenizer(cfg)
     check_shards(cfg)
-    engine = build_engine(cfg, resolve_device(cfg.train.device))
+    device = resolve_device(cfg.train.device)
+    if device.type == "cpu":
+        tune_cpu_malloc(cfg.train.cpu_malloc)
+    engine = build_engine(cfg, device)
     lock = RunLock(Path(cfg.train.run_dir)) if engine.is_main else None
     try:
         lock_run(lock, engine)

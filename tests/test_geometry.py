@@ -96,7 +96,7 @@ def test_gram_spectrum_matches_svd(t: int, d: int) -> None:
 
 
 def test_gram_spectrum_honours_exact_rank_and_zero() -> None:
-    """Below sqrt(k eps64) s_max the Gram eigensolve cannot resolve s_i: returned as 0, so a
+    """Below sqrt(max(T, d) eps64) s_max the Gram eigensolve cannot resolve s_i: returned as 0, so a
     rank-2 matrix reads erank 2/k exactly (float64 SVD: the same) and a zero matrix 0."""
     t, d = 12, 8
     s = torch.tensor([3.0, 1.0], dtype=torch.float64)

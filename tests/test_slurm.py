@@ -202,7 +202,7 @@ def test_usr1_before_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, 
         time.sleep(0.5)
     # What Slurm does 120 s before the limit (--signal=B:USR1@120): signal the batch shell.
     subprocess.run(["scancel", "--batch", "--signal=USR1", str(job)], check=True)
-    released, requeued_at = False, None
+    released, requeued_at, ended_at = False, None, None
     while True:
         state = job_state(job)
         assert state, f"job {job} vanished before it was seen to finish:\n{job_log(tmp_path)}"
@@ -218,9 +218,13 @@ def test_usr1_before_time_limit_checkpoints_requeues_and_resumes(slurm_cluster, 
         # Right at `scontrol requeue`, Slurm may show Restarts=1 with the first run's end
         # (JobState=FAILED, RunTime 0) before the job turns PENDING: a terminal state counts
         # only once the requeued run has started (its batch script logged "restart 1").
-        if (state.get("Restarts") == "1" and state["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
-                and any(f"job {job} restart 1 " in p.read_text() for p in (tmp_path / "logs").glob("*.out"))):
-            break
+        if state.get("Restarts") == "1" and state["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+            ended_at = ended_at or time.monotonic()
+            restarted = any(f"job {job} restart 1 " in p.read_text() for p in (tmp_path / "logs").glob("*.out"))
+            if restarted or (released and time.monotonic() - ended_at > 20):  # a restart that died before its script ran: fail now
+                break
+        else:
+            ended_at = None
         assert state.get("Restarts") in ("0", "1"), state
         assert time.monotonic() < deadline, f"job {job} did not finish after the requeue:\n{state}\n{job_log(tmp_path)}"
         time.sleep(0.5)

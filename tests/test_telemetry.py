@@ -84,7 +84,9 @@ def test_gram_spectrum_records_equal_svd_and_costly_cadence_is_reported(zipf_sha
         assert a["erank"] == pytest.approx(b["erank"], rel=1e-6) and a["token_cosine"] == b["token_cosine"]
     costly = [e for e in gram if e["kind"] == "event" and e["event"] == "telemetry_costly"]
     assert len(costly) == 1 and 0.05 < costly[0]["fraction"] < 1
-    assert costly[0]["suggested_geometry_every"] == math.ceil(costly[0]["fraction"] / 0.05)
+    c = costly[0]  # the suggested cadence puts telemetry at <= 5%: S / (S + every' / every * W) <= 0.05
+    assert c["suggested_geometry_every"] == math.ceil(c["seconds"] * 0.95 / (0.05 * c["training_seconds"]))
+    assert c["seconds"] / (c["seconds"] + c["suggested_geometry_every"] * c["training_seconds"]) <= 0.05 + 1e-9
     with pytest.raises(ConfigError, match="spectrum"):
         load_config(None, ["eval.spectrum=qr"])
 

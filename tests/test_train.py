@@ -125,6 +125,25 @@ def test_keep_prunes_old_checkpoints(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000004"]
 
 
+def test_prune_keeps_the_current_checkpoint_and_never_fails_a_save(tmp_path, monkeypatch, capsys):
+    """After a resume from an older checkpoint the new one may sort before abandoned newer ones:
+    it is kept anyway. A checkpoint that cannot be renamed stays, with a warning."""
+    from megatron_mgt import checkpoint as ck
+
+    root = tmp_path / "checkpoints"
+    for step in (1, 5, 9):
+        save_checkpoint(root, step, lambda d: None, {"step": step})
+    final = save_checkpoint(root, 3, lambda d: None, {"step": 3}, keep=1)  # resumed from step 1, saved at 3
+    ck.wait_for_pruning(root)
+    assert final.is_dir() and (root / "latest").read_text().strip() == "step_00000003"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000009"]
+    real_rename = ck.os.rename
+    monkeypatch.setattr(ck.os, "rename", lambda a, b: (_ for _ in ()).throw(PermissionError(13, "denied")) if str(b).endswith(".trash") else real_rename(a, b))
+    save_checkpoint(root, 11, lambda d: None, {"step": 11}, keep=1)
+    assert "could not prune checkpoint" in capsys.readouterr().err
+    assert {"step_00000009", "step_00000011"} <= {p.name for p in root.glob("step_*")}
+
+
 def test_vocab_mismatch_with_data_is_a_clear_error(zipf_shards, tmp_path):
     cfg = load_config(None, tiny_overrides(*zipf_shards, tmp_path / "run", **{"model.vocab_size": 100}))
     with pytest.raises(ValueError, match="vocab"):
@@ -153,3 +172,21 @@ def test_wandb_mode_auto(monkeypatch, tmp_path):
     assert wandb_mode("auto") == "online"
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert wandb_mode("auto") == "disabled" and wandb_mode("offline") == "offline"
+
+
+def test_cpu_malloc_is_tuned_by_a_cpu_run_and_bad_modes_are_refused(zipf_shards, tmp_path):
+    """train.cpu_malloc=keep (the default) applies glibc's mallopt settings once per process on a
+    CPU run (engine/host_memory.py); the mode is validated by the config and by the function."""
+    from megatron_mgt.config import ConfigError
+    from megatron_mgt.engine import host_memory
+
+    cfg = load_config(None, tiny_overrides(*zipf_shards, tmp_path / "run", **{"train.max_steps": 1, "train.save_every": 0}))
+    assert cfg.train.cpu_malloc == "keep"
+    assert train(cfg).status == "finished"
+    if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+        assert host_memory._applied == "keep"
+        assert host_memory.tune_cpu_malloc("default") == "keep"  # glibc cannot be reset: it says what holds
+    with pytest.raises(ValueError, match="train.cpu_malloc"):
+        host_memory.tune_cpu_malloc("fast")
+    with pytest.raises(ConfigError, match="cpu_malloc"):
+        load_config(None, ["train.cpu_malloc=fast"])
