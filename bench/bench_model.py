@@ -265,8 +265,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--peak-seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     parser.add_argument("--json", default="", help="also write the result dict to this file")
-    parser.add_argument("--cpu-malloc", choices=("keep", "default"), default="keep",
-                        help="glibc malloc as train.cpu_malloc sets it (engine/host_memory.py; default keep, as training does)")
+    parser.add_argument("--cpu-malloc", choices=("keep", "default"), default="default",
+                        help="glibc malloc as train.cpu_malloc sets it (engine/host_memory.py; default: glibc's own, as training)")
     args = parser.parse_args(argv)
     malloc = tune_cpu_malloc(args.cpu_malloc)
     out = run(

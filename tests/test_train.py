@@ -174,18 +174,25 @@ def test_wandb_mode_auto(monkeypatch, tmp_path):
     assert wandb_mode("auto") == "disabled" and wandb_mode("offline") == "offline"
 
 
-def test_cpu_malloc_is_tuned_by_a_cpu_run_and_bad_modes_are_refused(zipf_shards, tmp_path):
-    """train.cpu_malloc=keep (the default) applies glibc's mallopt settings once per process on a
-    CPU run (engine/host_memory.py); the mode is validated by the config and by the function."""
+def test_cpu_malloc_keep_is_applied_once_and_bad_modes_are_refused(zipf_shards, tmp_path):
+    """train.cpu_malloc=keep applies glibc's mallopt settings once per process on a CPU run
+    (engine/host_memory.py; run in a child process so the test session's allocator stays as
+    it is); the mode is validated by the config and by the function."""
     from megatron_mgt.config import ConfigError
     from megatron_mgt.engine import host_memory
 
-    cfg = load_config(None, tiny_overrides(*zipf_shards, tmp_path / "run", **{"train.max_steps": 1, "train.save_every": 0}))
-    assert cfg.train.cpu_malloc == "keep"
-    assert train(cfg).status == "finished"
+    assert load_config(None, []).train.cpu_malloc == "default"
+    code = (
+        "import sys; from megatron_mgt.config import load_config; from megatron_mgt.train import train; "
+        "from megatron_mgt.engine import host_memory as h; "
+        f"cfg = load_config(None, {tiny_overrides(*zipf_shards, tmp_path / 'run', **{'train.max_steps': 1, 'train.save_every': 0, 'train.cpu_malloc': 'keep'})!r}); "
+        "assert train(cfg).status == 'finished'; print(h._applied); print(h.tune_cpu_malloc('default'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "WANDB_MODE": "disabled"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    applied = out.stdout.split()[-2:]
     if sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-        assert host_memory._applied == "keep"
-        assert host_memory.tune_cpu_malloc("default") == "keep"  # glibc cannot be reset: it says what holds
+        assert applied == ["keep", "keep"]  # glibc cannot be reset: a later call says what holds
     with pytest.raises(ValueError, match="train.cpu_malloc"):
         host_memory.tune_cpu_malloc("fast")
     with pytest.raises(ConfigError, match="cpu_malloc"):
