@@ -117,7 +117,7 @@ class GeometryTelemetry:
         message = (f"geometry telemetry takes {fraction:.0%} of the training time ({cost:.2f} s every {self.every} steps, "
                    f"eval.spectrum={self.spectrum}); log.geometry_every={fits} keeps it under {COST_BUDGET:.0%}")
         if self.engine.is_main:
-            warnings.warn(message, stacklevel=2)
+            warnings.warn(message, stacklevel=3)  # at the trainer's call of at()
         self.log.log({"kind": "event", "step": step, "event": "telemetry_costly", "fraction": fraction,
                       "seconds": cost, "training_seconds": between, "suggested_geometry_every": fits})
 
