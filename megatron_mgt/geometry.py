@@ -262,7 +262,7 @@ def singular_spectrum(x: Tensor, center: bool) -> Tensor:
     """Singular values s_1 >= ... >= s_k, k = min(T, d), of X, or with center=True of X - 1 xbar^T. Returns [..., k]."""
     _check_tokens(x)
     x64 = _as_f64(x)
-    return torch.linalg.svdvals(_center(x64) if center else x64)
+    return singular_values(_center(x64) if center else x64)
 
 
 def _kept_spectrum(x: Tensor, center: bool, rel_tol: float) -> Tensor:

@@ -39,11 +39,11 @@ import torch
 from megatron_mgt import plots
 from megatron_mgt.config import Config
 from megatron_mgt.data.loader import check_token_ids, eval_batches
+from megatron_mgt.geometry import LAYER_METRICS
 from megatron_mgt.metrics import read_metrics
 
 COST_BUDGET = 0.05  # the share of wall time a run may spend in geometry snapshots before it is told
 
-LAYER_KEYS = ("erank", "token_cosine", "relative_residual")
 BETA_KEYS = ("mean", "std", "q05", "q50", "q95", "frac_negative")  # of geometry.beta_stats, per sublayer
 
 
@@ -55,7 +55,7 @@ def snapshot_record(snap: dict, step: int) -> dict:
         "kind": "geometry",
         "step": step,
         "centered": snap["centered"],
-        **{key: snap[key] for key in LAYER_KEYS},
+        **{key: snap[key] for key in LAYER_METRICS},
         "sublayers": list(subs),
         "update_ratio": [s["update_ratio"] for s in subs.values()],
         **{f"beta_{key}": [b[key] if b else None for b in beta.values()] for key in BETA_KEYS},

@@ -38,7 +38,7 @@ from megatron_mgt.engine.dist import dist_timeout, dp_slice, gather_objects, ini
 from megatron_mgt.engine.ds_common import deepspeed_config, ds_load, ds_save, import_deepspeed, update_norm
 from megatron_mgt.engine.optim import build_optimizer, set_schedule_step
 from megatron_mgt.engine.partition import layer_costs, partition_balanced
-from megatron_mgt.geometry import layer_metrics, sublayer_geometry
+from megatron_mgt.geometry import LAYER_METRICS, layer_metrics, sublayer_geometry
 from megatron_mgt.model import lm_loss
 from megatron_mgt.model.block import Block
 from megatron_mgt.model.norm import make_norm, norm_class
@@ -324,7 +324,7 @@ class PipelineEngine(EngineBase):
             layer_rows.update(part["layers"])
             sublayers.update(part["sublayers"])
         depth = sorted(layer_rows)
-        snap = {key: [layer_rows[i][key] for i in depth] for key in ("erank", "token_cosine", "relative_residual")}
+        snap = {key: [layer_rows[i][key] for i in depth] for key in LAYER_METRICS}
         snap["centered"] = center
         snap["sublayers"] = dict(sorted(sublayers.items(), key=lambda kv: (int(kv[0].split(".")[1]), kv[0].endswith("mlp"))))
         return snap
