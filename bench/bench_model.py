@@ -1,7 +1,7 @@
 """Training throughput and MFU of every residual variant at one shape, and our `preln`
 against Hugging Face `LlamaForCausalLM` of the same shape, all in one run.
 
-One step = forward + LM loss + backward + torch AdamW step, fp32, on the current device
+One step = forward + LM loss + backward + the training AdamW step (engine/optim.py: foreach, decay on matrices), fp32, on the current device
 (CPU here). Variants are timed round-robin (one step each per repetition, the order
 rotated every repetition) so that machine noise lands on all of them alike; each reports
 the median of its timed steps. The CPU peak for MFU is the best fp32 GEMM rate measured
@@ -30,8 +30,9 @@ try:
 except ImportError:  # run as a script from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_mgt.config import RESIDUALS, ModelConfig
+from megatron_mgt.config import RESIDUALS, ModelConfig, TrainConfig
 from megatron_mgt.engine.host_memory import tune_cpu_malloc
+from megatron_mgt.engine.optim import build_optimizer
 from megatron_mgt.engine.single import compile_blocks
 from megatron_mgt.flops import flops_per_token, matmul_params, measure_cpu_peak_flops
 from megatron_mgt.model import Transformer, lm_loss
@@ -112,7 +113,7 @@ class Candidate:
 
     def __init__(self, name: str, model: nn.Module, forward: Callable, shape: ModelConfig, seq_len: int):
         self.name, self.model, self.forward = name, model.train(), forward
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+        self.optimizer = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.1))[0]  # training's AdamW (foreach, decay on matrices)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.n_matmul = matmul_params(model)
         self.flops_per_token = flops_per_token(shape, self.n_matmul, seq_len)

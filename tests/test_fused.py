@@ -154,3 +154,11 @@ def test_bench_fused_smoke(tmp_path):
         assert r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 and r["saved_bytes_per_token_per_layer"] > 0
     assert set(out["ratios"]["mgt+fused/preln"]) == {"tokens_per_s", "saved_bytes_per_token_per_layer", "peak_memory"}
     assert "| mgt+fused |" in proc.stdout
+    paired = out["paired_tokens_per_s_ratios"]["mgt+fused/preln"]
+    assert paired["n"] == out["steps"] and paired["ci"][0] <= paired["mean"] <= paired["ci"][1]
+
+
+def test_bench_comparison_pairs():
+    pairs = bench_module().comparison_pairs(["preln", "mgt", "mgt+compile", "preln+compile", "hf_llama"])
+    assert ("mgt+compile", "mgt") in pairs and ("mgt+compile", "preln") in pairs and ("preln", "hf_llama") in pairs
+    assert ("preln+compile", "preln") in pairs and len(pairs) == len(set(pairs)) == 6

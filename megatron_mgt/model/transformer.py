@@ -11,7 +11,6 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from megatron_mgt.config import ModelConfig
@@ -67,11 +66,6 @@ class Transformer(nn.Module):
         for i, block in self.layers.items():
             yield f"layers.{i}.attn", block.attn_residual
             yield f"layers.{i}.mlp", block.mlp_residual
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats), computed in fp32."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,63 @@
+"""The language-model loss: mean next-token cross-entropy in nats,
+
+    L = (1/N) sum_i [ logsumexp_v(z_iv) - z_{i, y_i} ],   dL/dz_iv = (softmax(z_i)_v - [v = y_i]) / N
+
+over the N targets that are not IGNORE_INDEX, computed in fp32 whatever the logits' dtype.
+
+One autograd Function (`CrossEntropy`) instead of `F.cross_entropy`: the forward runs
+log_softmax over row chunks of CHUNK_BYTES of fp32, keeps each chunk's target entries only,
+and saves just the logits (which the head produced anyway); the backward runs softmax per
+chunk straight into one gradient tensor, minus onehot, times 1/N. `F.cross_entropy` keeps
+the [N, V] log-softmax for backward and allocates two more [N, V] tensors there (nll_loss's
+zero-filled gradient and log_softmax's), each a fresh page-faulted mapping at LM-head sizes
+(65 MB at 2048 tokens x vocab 8000), and makes two passes more over them. Same value and
+gradient up to fp32 round-off (tests/test_model.py); measured 1.7x faster than
+F.cross_entropy at [2048, 8000] fp32 on 2 CPU threads (bench/profile_step.py, docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100  # a target that is not scored (as F.cross_entropy's default)
+CHUNK_BYTES = 4 << 20  # fp32 bytes of one row chunk: cache- and heap-sized, never its own mapping
+
+
+def _row_chunks(rows: int, vocab: int) -> list[slice]:
+    step = max(1, CHUNK_BYTES // (4 * vocab))
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+class CrossEntropy(torch.autograd.Function):
+    """sum over scored rows of -log_softmax(z_i)_{y_i}, divided by their count (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        rows, vocab = logits.shape
+        scored = targets != IGNORE_INDEX
+        safe_targets = torch.where(scored, targets, 0)
+        picked = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        for rows_ in _row_chunks(rows, vocab):
+            log_probs = torch.log_softmax(logits[rows_].float(), dim=-1)
+            picked[rows_] = log_probs.gather(1, safe_targets[rows_, None]).squeeze(1)
+        count = scored.sum()
+        ctx.save_for_backward(logits, safe_targets, scored, count)
+        return -torch.where(scored, picked, 0.0).sum() / count  # 0/0 = nan with no scored target, as F.cross_entropy
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, safe_targets, scored, count = ctx.saved_tensors
+        rows, vocab = logits.shape
+        scale = (grad_loss.float() / count) * scored.float()  # [rows]: 0 on ignored rows
+        grad = torch.empty_like(logits)
+        for rows_ in _row_chunks(rows, vocab):
+            probs = torch.softmax(logits[rows_].float(), dim=-1)
+            probs[torch.arange(probs.shape[0], device=probs.device), safe_targets[rows_]] -= 1.0
+            grad[rows_] = probs.mul_(scale[rows_, None])
+        return grad, None
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of logits [..., V] against targets [...], in fp32;
+    targets equal to IGNORE_INDEX are not scored."""
+    return CrossEntropy.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
