@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import resource
 import statistics
@@ -37,13 +36,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import HF_NAME, Candidate, build, check_variants  # noqa: E402
+from bench_model import HF_NAME, Candidate, build, check_variants, format_paired, paired_speed_ratios  # noqa: E402
 
 from megatron_mgt.config import ModelConfig  # noqa: E402
 from megatron_mgt.flops import device_peak_flops  # noqa: E402
 from megatron_mgt.model import lm_loss  # noqa: E402
 from megatron_mgt.plan import saved_tensor_bytes  # noqa: E402
-from megatron_mgt.stats import t_interval  # noqa: E402
 
 DEFAULT_VARIANTS = ("preln", "mgt", "mgt+fused", "mgt+recompute", "mgt+compile", "preln+compile", HF_NAME)
 SMOKE = {"layers": 2, "d_model": 32, "heads": 2, "vocab": 64, "batch": 2, "seq_len": 16, "steps": 2, "warmup": 1, "peak_seconds": 0.1}
@@ -162,7 +160,7 @@ def run(variants, layers, d_model, heads, vocab, batch_size, seq_len, steps, war
         results[w.variant] = {**w.info, **finals[w.variant], "step_s_median": median, "step_s_min": min(w.times), "tokens_per_s": tps,
                               "mfu": tps * w.info["flops_per_token"] / peak if peak else None, "losses": w.losses}
     ratios = {}
-    paired = paired_speed_ratios(workers)
+    paired = paired_speed_ratios({w.variant: w.times for w in workers})
     if "preln" in results:
         base = results["preln"]
         for name, r in results.items():
@@ -181,27 +179,6 @@ def run(variants, layers, d_model, heads, vocab, batch_size, seq_len, steps, war
         "results": results, "ratios": ratios, "paired_tokens_per_s_ratios": paired,
     }
     log(format_table(out))
-    return out
-
-
-def comparison_pairs(variants: list[str]) -> list[tuple[str, str]]:
-    """(variant, reference) pairs to compare: every variant against preln, every `X+opts` against
-    eager X, and preln against hf_llama (where both are in the run)."""
-    pairs = [(v, "preln") for v in variants if v != "preln"]
-    pairs += [(v, v.split("+")[0]) for v in variants if "+" in v and v.split("+")[0] != "preln"]
-    pairs += [("preln", HF_NAME)]
-    return [(a, b) for a, b in pairs if a in variants and b in variants]
-
-
-def paired_speed_ratios(workers: list[Worker]) -> dict[str, dict]:
-    """tokens/s ratio a/b = t_b / t_a per repetition (the two stepped in the same repetition), its
-    geometric mean and 95% t interval over repetitions (computed on log ratios): machine drift
-    that lands on one repetition cancels in its ratio."""
-    times = {w.variant: w.times for w in workers}
-    out = {}
-    for a, b in comparison_pairs(list(times)):
-        logs = t_interval([math.log(tb / ta) for ta, tb in zip(times[a], times[b], strict=True)])
-        out[f"{a}/{b}"] = {"mean": math.exp(logs["mean"]), "ci": [math.exp(x) for x in logs["ci"]], "n": logs["n"]}
     return out
 
 
@@ -224,8 +201,7 @@ def format_table(out: dict) -> str:
             + " | ".join(f"{ratio[k]:.3f}" if k in ratio else "-" for k in ("tokens_per_s", "saved_bytes_per_token_per_layer", "peak_memory"))
             + " |"
         )
-    lines += ["", "tokens/s ratios, paired per repetition (geometric mean [95% CI]):"]
-    lines += [f"- {k}: {v['mean']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] over {v['n']}" for k, v in out.get("paired_tokens_per_s_ratios", {}).items()]
+    lines += format_paired(out.get("paired_tokens_per_s_ratios", {}))
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -36,6 +37,7 @@ from megatron_mgt.engine.optim import build_optimizer
 from megatron_mgt.engine.single import compile_blocks
 from megatron_mgt.flops import flops_per_token, matmul_params, measure_cpu_peak_flops
 from megatron_mgt.model import Transformer, lm_loss
+from megatron_mgt.stats import t_interval
 
 HF_NAME = "hf_llama"
 
@@ -131,6 +133,26 @@ class Candidate:
         return elapsed
 
 
+def comparison_pairs(variants: list[str]) -> list[tuple[str, str]]:
+    """(variant, reference) pairs to compare: every variant against preln, every `X+opts` against
+    eager X, and preln against hf_llama (where both are in the run)."""
+    pairs = [(v, "preln") for v in variants if v != "preln"]
+    pairs += [(v, v.split("+")[0]) for v in variants if "+" in v and v.split("+")[0] != "preln"]
+    pairs += [("preln", HF_NAME)]
+    return [(a, b) for a, b in pairs if a in variants and b in variants]
+
+
+def paired_speed_ratios(times: dict[str, list[float]]) -> dict[str, dict]:
+    """tokens/s ratio a/b = t_b / t_a per repetition (times[v][r]: v's step time in repetition r) (the two stepped in the same repetition), its
+    geometric mean and 95% t interval over repetitions (computed on log ratios): machine drift
+    that lands on one repetition cancels in its ratio."""
+    out = {}
+    for a, b in comparison_pairs(list(times)):
+        logs = t_interval([math.log(tb / ta) for ta, tb in zip(times[a], times[b], strict=True)])
+        out[f"{a}/{b}"] = {"mean": math.exp(logs["mean"]), "ci": [math.exp(x) for x in logs["ci"]], "n": logs["n"]}
+    return out
+
+
 def run(
     variants: tuple[str, ...] | list[str] = RESIDUALS,
     layers: int = 12,
@@ -224,9 +246,16 @@ def run(
         "peak_flops": {"start": peak_start, "end": peak_end, "used": peak},
         "results": results,
         "ratios": ratios,
+        "paired_tokens_per_s_ratios": paired_speed_ratios({c.name: c.times for c in candidates}),
     }
     log(format_table(out))
     return out
+
+
+def format_paired(paired: dict[str, dict]) -> list[str]:
+    """Lines of `paired_speed_ratios`' result."""
+    return ["", "tokens/s ratios, paired per repetition (geometric mean [95% CI]):"] + [
+        f"- {k}: {v['mean']:.3f} [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}] over {v['n']}" for k, v in paired.items()]
 
 
 def format_table(out: dict) -> str:
@@ -248,6 +277,7 @@ def format_table(out: dict) -> str:
         )
     lines.append("")
     lines += [f"{k}: {v:.3f}" for k, v in out["ratios"].items()]
+    lines += format_paired(out.get("paired_tokens_per_s_ratios", {}))
     return "\n".join(lines)
 
 

@@ -159,6 +159,9 @@ def test_bench_fused_smoke(tmp_path):
 
 
 def test_bench_comparison_pairs():
-    pairs = bench_module().comparison_pairs(["preln", "mgt", "mgt+compile", "preln+compile", "hf_llama"])
+    bench_module()  # puts bench/ on sys.path
+    import bench_model
+
+    pairs = bench_model.comparison_pairs(["preln", "mgt", "mgt+compile", "preln+compile", "hf_llama"])
     assert ("mgt+compile", "mgt") in pairs and ("mgt+compile", "preln") in pairs and ("preln", "hf_llama") in pairs
     assert ("preln+compile", "preln") in pairs and len(pairs) == len(set(pairs)) == 6

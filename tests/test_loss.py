@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_mgt.model import loss as loss_module
 from megatron_mgt.model import lm_loss
+from megatron_mgt.model import loss as loss_module
 
 
 def test_uniform_logits_give_log_vocab_and_the_hand_gradient():

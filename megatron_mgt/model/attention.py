@@ -25,18 +25,27 @@ except ImportError:  # pragma: no cover - depends on the machine
     flash_attn_func = None
 
 
-@functools.lru_cache(maxsize=8)
-def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, head_dim/2] for angles t * theta^(-2i/head_dim).
+def rope_angles(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [T, head_dim/2] for angles t * theta^(-2i/head_dim)."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos(), angles.sin()
 
-    Built where they are used (each pipeline stage builds its own), cached per shape.
-    Built outside inference mode even when first called inside it: a cached inference
-    tensor would break every later autograd forward.
-    """
+
+@functools.lru_cache(maxsize=8)
+def _cached_rope_angles(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.inference_mode(False):
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-        angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-        return angles.cos(), angles.sin()
+        return rope_angles(seq_len, head_dim, theta, device)
+
+
+def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rope_angles`, built where they are used (each pipeline stage builds its own) and cached
+    per shape in eager mode. Built outside inference mode even when first called inside it: a
+    cached inference tensor would break every later autograd forward. Inside torch.compile the
+    tables are part of the traced graph (dynamo would ignore the cache anyway)."""
+    if torch.compiler.is_compiling():
+        return rope_angles(seq_len, head_dim, theta, device)
+    return _cached_rope_angles(seq_len, head_dim, theta, device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -50,10 +50,13 @@ class CrossEntropy(torch.autograd.Function):
         rows, vocab = logits.shape
         scale = (grad_loss.float() / count) * scored.float()  # [rows]: 0 on ignored rows
         grad = torch.empty_like(logits)
+        in_place = logits.dtype == torch.float32  # softmax written straight into the gradient, no copy pass
         for rows_ in _row_chunks(rows, vocab):
-            probs = torch.softmax(logits[rows_].float(), dim=-1)
+            probs = torch.softmax(logits[rows_], dim=-1, out=grad[rows_]) if in_place else torch.softmax(logits[rows_].float(), dim=-1)
             probs[torch.arange(probs.shape[0], device=probs.device), safe_targets[rows_]] -= 1.0
-            grad[rows_] = probs.mul_(scale[rows_, None])
+            probs.mul_(scale[rows_, None])
+            if not in_place:
+                grad[rows_] = probs
         return grad, None
 
 
