@@ -216,6 +216,7 @@ def run(
             "step_s_median": median,
             "step_s_min": min(cand.times),
             "step_s_max": max(cand.times),
+            "step_s": cand.times,  # per repetition, for paired ratios
             "tokens_per_s": tps,
             "mfu": tps * cand.flops_per_token / peak,
             "first_loss": cand.losses[0],
