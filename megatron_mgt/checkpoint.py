@@ -34,6 +34,7 @@ import torch
 from megatron_mgt.config import ConfigError, TrainConfig, resume_changes
 from megatron_mgt.engine.base import TRAINER_STATE
 from megatron_mgt.engine.optim import set_schedule_step
+from megatron_mgt.fileio import write_text_atomic
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -109,20 +110,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """`text` into `path` through a fsynced temp file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _files(directory: Path) -> list[Path]:
@@ -272,7 +259,7 @@ def remove_stale_temps(root: Path) -> list[str]:
     behind (call it holding the run lock); returns their names."""
     if not root.is_dir():
         return []
-    stale = sorted(root.glob(".step_*.tmp")) + sorted(root.glob(f".{LATEST}.tmp"))
+    stale = sorted(root.glob(".step_*.tmp")) + sorted(root.glob(f".{LATEST}.tmp")) + sorted(root.glob(f".{LATEST}.*.tmp"))  # write_text_atomic's temp (older: no pid)
     for path in stale:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     trash = sorted(root.glob(f".step_*{TRASH_SUFFIX}"))

@@ -8,19 +8,28 @@ and backward. Recomputation is not counted.
 
 The peak is the dense rate the hardware can reach: on CUDA the datasheet bf16 figure
 looked up by device name; on CPU a fp32 GEMM measured now (CPU peaks move with load,
-so measure in the same run as the throughput you divide by). An unknown device gets
-None, so callers report no MFU rather than a wrong one.
+so benchmarks measure in the same run as the throughput they divide by). Training runs
+divide by `remembered_cpu_peak`: the best rate any run on this machine has measured (a
+run that starts while another computes measures its share, and its MFU would read up to
+2x). An unknown device gets None, so callers report no MFU rather than a wrong one.
 """
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import platform
 import re
 import time
+import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from megatron_mgt.config import ModelConfig
+from megatron_mgt.fileio import write_text_atomic
 
 # Dense bf16 tensor-core peaks (FLOP/s, no sparsity), matched in order on the lower-cased
 # `torch.cuda.get_device_name()`; first match wins, so specific names come first.
@@ -76,6 +85,52 @@ def measure_cpu_peak_flops(seconds: float = 2.0, size: int = 2048) -> float:
             return best
 
 
+def cpu_peak_cache() -> Path:
+    """$XDG_CACHE_HOME/megatron_mgt/cpu_peak.json (~/.cache by default): best CPU rates measured here."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron_mgt" / "cpu_peak.json"
+
+
+def _cpu_key() -> str:
+    """This machine's CPU, thread count and torch: what a remembered peak is valid for."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model} | {os.cpu_count()} cpus | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def remembered_cpu_peak(measured: float, cache: Path | None = None) -> float:
+    """max(measured, the best rate remembered for this CPU key), remembering the new best.
+    Interference only slows a GEMM down, so the best over runs is the estimate of the peak.
+    An unreadable cache is replaced (with a warning); an unwritable one is left alone."""
+    cache = cache or cpu_peak_cache()
+    key = _cpu_key()
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(cache.with_name(cache.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            known: dict = {}
+            if cache.is_file():
+                try:
+                    known = json.loads(cache.read_text())
+                    if not isinstance(known, dict):
+                        raise ValueError(f"top level is {type(known).__name__}, not an object")
+                except ValueError as err:
+                    warnings.warn(f"{cache}: unreadable CPU peak cache ({err}); starting it afresh", stacklevel=2)
+                    known = {}
+            best = max(measured, float(known.get(key, 0.0)))
+            if best > float(known.get(key, 0.0)):
+                write_text_atomic(cache, json.dumps({**known, key: best}, indent=1))
+            return best
+    except OSError as err:
+        warnings.warn(f"{cache}: CPU peak cache not usable ({err}); MFU uses this run's measurement", stacklevel=2)
+        return measured
+
+
 def cuda_peak_flops_from_name(name: str) -> float | None:
     """Dense bf16 peak for a CUDA device name, None when the device is not in the table."""
     lowered = name.lower()
@@ -85,12 +140,14 @@ def cuda_peak_flops_from_name(name: str) -> float | None:
     return None
 
 
-def device_peak_flops(device: str | torch.device, seconds: float = 2.0) -> float | None:
-    """Peak FLOP/s for MFU: CPU -> measured fp32 GEMM rate; CUDA -> dense bf16 peak
-    from the table; anything else -> None."""
+def device_peak_flops(device: str | torch.device, seconds: float = 2.0, remember: bool = False) -> float | None:
+    """Peak FLOP/s for MFU: CPU -> measured fp32 GEMM rate (with `remember`: the best this
+    machine has measured, `remembered_cpu_peak`); CUDA -> dense bf16 peak from the table;
+    anything else -> None."""
     device = torch.device(device)
     if device.type == "cpu":
-        return measure_cpu_peak_flops(seconds)
+        measured = measure_cpu_peak_flops(seconds)
+        return remembered_cpu_peak(measured) if remember else measured
     if device.type == "cuda":
         return cuda_peak_flops_from_name(torch.cuda.get_device_name(device))
     return None

@@ -35,7 +35,6 @@ from megatron_mgt.checkpoint import (
     find_checkpoint,
     remove_stale_temps,
     wait_for_pruning,
-    write_text_atomic,
 )
 from megatron_mgt.config import Config, ConfigError, load_config, to_dict
 from megatron_mgt.data.indexed import IndexedDataset
@@ -44,6 +43,7 @@ from megatron_mgt.engine import build_engine
 from megatron_mgt.engine.base import StepResult
 from megatron_mgt.engine.dist import all_max, resolve_device, use_bf16
 from megatron_mgt.engine.host_memory import tune_cpu_malloc
+from megatron_mgt.fileio import write_text_atomic
 from megatron_mgt.flops import device_peak_flops, flops_per_token, matmul_params
 from megatron_mgt.metrics import MetricsLog, NullLog
 from megatron_mgt.model import Transformer
@@ -198,7 +198,7 @@ class Trainer:
         self.telemetry = GeometryTelemetry(cfg, engine, self.log)
         self.tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * cfg.data.seq_len * engine.dp_size  # global
         self.step_flops = flops_per_token(cfg.model, model_matmul_params(cfg), cfg.data.seq_len) * self.tokens_per_step
-        peak = device_peak_flops(engine.device)  # per device; every rank measures at once (CPU: its share)
+        peak = device_peak_flops(engine.device, remember=True)  # per device; CPU: the best measured here at this thread count (flops.remembered_cpu_peak)
         self.peak = peak * engine.world_size if peak else None  # MFU per device = achieved / (per-device peak x devices)
         self.window_time, self.window_steps = 0.0, 0
         self.saved = str(resume_from) if resume_from is not None else None

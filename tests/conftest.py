@@ -31,6 +31,19 @@ def write_zipf_shard(prefix, n_docs: int, doc_len: int, vocab: int, seed: int) -
             writer.add_document((rng.zipf(1.3, size=doc_len) % vocab).astype(np.uint16))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_cache_home(tmp_path_factory):
+    """Training runs remember the CPU peak under $XDG_CACHE_HOME (flops.remembered_cpu_peak):
+    the suite's runs, subprocesses included, keep theirs out of the user's cache."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache_home"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
+
+
 @pytest.fixture(scope="session")
 def zipf_shards(tmp_path_factory):
     """(train_prefix, valid_prefix) of a 256-token-vocabulary synthetic corpus."""

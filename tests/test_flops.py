@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from conftest import D, V, tiny_config
@@ -14,6 +16,7 @@ from megatron_mgt.flops import (
     flops_per_token,
     matmul_params,
     measure_cpu_peak_flops,
+    remembered_cpu_peak,
 )
 from megatron_mgt.model import Transformer
 
@@ -95,6 +98,33 @@ def test_cpu_peak_is_measured():
     rate = measure_cpu_peak_flops(seconds=0.05, size=256)
     assert 1e8 < rate < 1e14  # a real GEMM rate, not a constant or a time
     assert device_peak_flops("meta") is None
+
+
+def test_remembered_cpu_peak_keeps_the_best_per_cpu_key(tmp_path, monkeypatch):
+    cache = tmp_path / "sub" / "cpu_peak.json"
+    assert remembered_cpu_peak(5e10, cache) == 5e10  # first: stored
+    assert remembered_cpu_peak(2e10, cache) == 5e10  # a loaded measurement: the remembered best
+    assert remembered_cpu_peak(7e10, cache) == 7e10  # a better one replaces it
+    (key, value), = json.loads(cache.read_text()).items()
+    assert value == 7e10 and f"{torch.get_num_threads()} threads" in key
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 99)  # another thread count: its own entry
+    assert remembered_cpu_peak(1e10, cache) == 1e10
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_remembered_cpu_peak_replaces_a_damaged_cache(tmp_path):
+    cache = tmp_path / "cpu_peak.json"
+    cache.write_text("{not json")
+    with pytest.warns(UserWarning, match="unreadable CPU peak cache"):
+        assert remembered_cpu_peak(3e10, cache) == 3e10
+    assert list(json.loads(cache.read_text()).values()) == [3e10]
+
+
+def test_remembered_cpu_peak_without_a_writable_cache(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.warns(UserWarning, match="not usable"):
+        assert remembered_cpu_peak(4e10, blocker / "cpu_peak.json") == 4e10  # parent is a file
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
