@@ -2,7 +2,7 @@
 of LAYERS and imports only from its own layer and lower ones (module-level and function-level
 imports alike), and the module-level imports of the two packages form no cycle.
 
-Layers, lowest first: config; data, model (and stats) side by side; output (metrics, plots);
+Layers, lowest first: config (and fileio); data, model (and stats) side by side; output (metrics, plots);
 geometry (geometry, flops); engine; trainer; the tools (megatron_mgt's command-line modules and
 experiments, and data_prep). So the model never imports an engine or the trainer, no engine
 imports a tool, data_prep needs nothing of megatron_mgt but the shard format, and the Hugging
@@ -19,6 +19,7 @@ from pathlib import Path
 LAYERS = {
     "megatron_mgt": "config",  # the package __init__ (empty): anything may import the package
     "megatron_mgt.config": "config",
+    "megatron_mgt.fileio": "config",  # the atomic text write: stdlib only, usable by every layer
     "megatron_mgt.stats": "stats",
     "megatron_mgt.data.*": "data",
     "megatron_mgt.model.*": "model",
