@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import HF_NAME, Candidate, build, check_variants, format_paired, paired_speed_ratios  # noqa: E402
+from bench_model import HF_NAME, Candidate, add_shape_arguments, build, check_variants, format_paired, paired_speed_ratios  # noqa: E402
 
 from megatron_mgt.config import ModelConfig  # noqa: E402
 from megatron_mgt.flops import device_peak_flops  # noqa: E402
@@ -208,12 +208,7 @@ def format_table(out: dict) -> str:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated: residual[+fused][+recompute][+compile] or hf_llama")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles in the first)")
     parser.add_argument("--peak-seconds", type=float, default=3.0)

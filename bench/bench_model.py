@@ -282,16 +282,21 @@ def format_table(out: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
-    parser.add_argument("--warmup", type=int, default=2)
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark shape, one set of flags for every bench script (12 x d256, 4 heads, vocab 8000, 8 x 256)."""
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2)
+    add_shape_arguments(parser)
     parser.add_argument("--variants", default=",".join(RESIDUALS), help="comma-separated: residual[+fused][+recompute][+compile]")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face Llama comparison")
     parser.add_argument("--peak-seconds", type=float, default=3.0)

@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import build, check_variants  # noqa: E402
+from bench_model import add_shape_arguments, build, check_variants  # noqa: E402
 
 from megatron_mgt.config import ModelConfig, TrainConfig  # noqa: E402
 from megatron_mgt.engine.optim import build_optimizer  # noqa: E402
@@ -111,12 +111,7 @@ def format_table(results: dict[str, dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="preln,mgt,hf_llama", help="comma-separated: residual[+fused][+recompute][+compile] or hf_llama")
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8000)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
+    add_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per variant")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (0 keeps torch's default)")
