@@ -5,14 +5,14 @@
 over the N targets that are not IGNORE_INDEX, computed in fp32 whatever the logits' dtype.
 
 One autograd Function (`CrossEntropy`) instead of `F.cross_entropy`: the forward runs
-log_softmax over row chunks of CHUNK_BYTES of fp32, keeps each chunk's target entries only,
-and saves just the logits (which the head produced anyway); the backward runs softmax per
-chunk straight into one gradient tensor, minus onehot, times 1/N. `F.cross_entropy` keeps
-the [N, V] log-softmax for backward and allocates two more [N, V] tensors there (nll_loss's
-zero-filled gradient and log_softmax's), each a fresh page-faulted mapping at LM-head sizes
-(65 MB at 2048 tokens x vocab 8000), and makes two passes more over them. Same value and
-gradient up to fp32 round-off (tests/test_model.py); measured 1.7x faster than
-F.cross_entropy at [2048, 8000] fp32 on 2 CPU threads (bench/profile_step.py, docs/BENCHMARKS.md).
+log_softmax over row chunks of CHUNK_BYTES of fp32 (CUDA_CHUNK_BYTES on a GPU), keeps each
+chunk's target entries only, and saves just the logits (which the head produced anyway); the
+backward runs softmax per chunk straight into one gradient tensor, minus onehot, times 1/N.
+`F.cross_entropy` keeps the [N, V] log-softmax for backward and allocates two more [N, V]
+tensors there (nll_loss's zero-filled gradient and log_softmax's), each a fresh page-faulted
+mapping at LM-head sizes (65 MB at 2048 tokens x vocab 8000), and makes two passes more over
+them. Same value and gradient up to fp32 round-off (tests/test_loss.py); measured 1.7x faster
+than F.cross_entropy at [2048, 8000] fp32 on 2 CPU threads (docs/BENCHMARKS.md, "The chunked loss").
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from __future__ import annotations
 import torch
 
 IGNORE_INDEX = -100  # a target that is not scored (as F.cross_entropy's default)
-CHUNK_BYTES = 4 << 20  # fp32 bytes of one row chunk: cache- and heap-sized, never its own mapping
+CHUNK_BYTES = 4 << 20  # fp32 bytes of one row chunk on CPU: cache- and heap-sized, never its own mapping
+CUDA_CHUNK_BYTES = 256 << 20  # on a GPU: few enough chunks that kernel launches stay negligible
 
 
-def _row_chunks(rows: int, vocab: int) -> list[slice]:
-    step = max(1, CHUNK_BYTES // (4 * vocab))
+def _row_chunks(rows: int, vocab: int, device: torch.device) -> list[slice]:
+    step = max(1, (CUDA_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES) // (4 * vocab))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -37,7 +38,7 @@ class CrossEntropy(torch.autograd.Function):
         scored = targets != IGNORE_INDEX
         safe_targets = torch.where(scored, targets, 0)
         picked = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        for rows_ in _row_chunks(rows, vocab):
+        for rows_ in _row_chunks(rows, vocab, logits.device):
             log_probs = torch.log_softmax(logits[rows_].float(), dim=-1)
             picked[rows_] = log_probs.gather(1, safe_targets[rows_, None]).squeeze(1)
         count = scored.sum()
@@ -51,7 +52,7 @@ class CrossEntropy(torch.autograd.Function):
         scale = (grad_loss.float() / count) * scored.float()  # [rows]: 0 on ignored rows
         grad = torch.empty_like(logits)
         in_place = logits.dtype == torch.float32  # softmax written straight into the gradient, no copy pass
-        for rows_ in _row_chunks(rows, vocab):
+        for rows_ in _row_chunks(rows, vocab, logits.device):
             probs = torch.softmax(logits[rows_], dim=-1, out=grad[rows_]) if in_place else torch.softmax(logits[rows_].float(), dim=-1)
             probs[torch.arange(probs.shape[0], device=probs.device), safe_targets[rows_]] -= 1.0
             probs.mul_(scale[rows_, None])
