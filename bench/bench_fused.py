@@ -11,8 +11,9 @@ layer ((S(L) - S(1)) / (L - 1), S = distinct saved storages of one fp32 forward,
 excluded), peak memory, and every ratio to preln.
 
 Variants: a residual name with optional suffixes `+fused` (model.fused_residual),
-`+recompute` (model.fused_recompute_projections, implies +fused) and `+compile`
-(model.compile, engine/single.compile_blocks), or `hf_llama`.
+`+recompute` (model.fused_recompute_projections, implies +fused), `+compile`
+(model.compile, engine/single.compile_blocks) and `+keep` (train.cpu_malloc=keep, this
+worker's glibc malloc: engine/host_memory.py), or `hf_llama`.
 
     python bench/bench_fused.py --json bench_fused.json     # 12 x d256, 4 heads, vocab 8000, 8 x 256
     python bench/bench_fused.py --smoke --json /tmp/b.json  # tiny sizes, seconds (a test, not a measurement)
@@ -36,9 +37,19 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import HF_NAME, Candidate, add_shape_arguments, build, check_variants, format_paired, paired_speed_ratios  # noqa: E402
+from bench_model import (  # noqa: E402
+    HF_NAME,
+    Candidate,
+    add_shape_arguments,
+    build,
+    check_variants,
+    format_paired,
+    paired_speed_ratios,
+    parse_variant,
+)
 
 from megatron_mgt.config import ModelConfig  # noqa: E402
+from megatron_mgt.engine.host_memory import tune_cpu_malloc  # noqa: E402
 from megatron_mgt.flops import device_peak_flops  # noqa: E402
 from megatron_mgt.model import lm_loss  # noqa: E402
 from megatron_mgt.plan import saved_tensor_bytes  # noqa: E402
@@ -62,6 +73,7 @@ def worker(variant: str, spec: dict) -> None:
     """Build the variant, report its static figures, then run one step per 'step' line on stdin."""
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
+    malloc = tune_cpu_malloc("keep" if variant != HF_NAME and "keep" in parse_variant(variant)[1] else "default")  # +keep: train.cpu_malloc=keep
     device = torch.device(spec["device"])
     shape = ModelConfig(**spec["shape"])
     inputs, targets = batch(shape, spec["batch"], spec["seq_len"], device)
@@ -77,7 +89,7 @@ def worker(variant: str, spec: dict) -> None:
     cand = Candidate(variant, model, forward, shape, spec["seq_len"])
     tokens = spec["batch"] * spec["seq_len"]
     per_layer = (sl - s1) / (shape.n_layers - 1) / tokens
-    print(json.dumps({"params": cand.n_params, "matmul_params": cand.n_matmul, "flops_per_token": cand.flops_per_token,
+    print(json.dumps({"cpu_malloc": malloc, "params": cand.n_params, "matmul_params": cand.n_matmul, "flops_per_token": cand.flops_per_token,
                       "saved_bytes_per_token_per_layer": per_layer, "saved_d_fp32_per_token_per_layer": per_layer / (4 * shape.d_model)}),
           flush=True)
     if device.type == "cuda":

@@ -71,7 +71,8 @@ def build_hf_llama(shape: ModelConfig) -> tuple[nn.Module, Callable[[torch.Tenso
     return model, lambda tokens: model(input_ids=tokens).logits
 
 
-VARIANT_OPTIONS = ("fused", "recompute", "compile")
+VARIANT_OPTIONS = ("fused", "recompute", "compile", "keep")  # keep: train.cpu_malloc=keep, a process-wide setting
+PROCESS_OPTIONS = ("keep",)  # only bench_fused (one process per variant) can apply these
 
 
 def parse_variant(variant: str) -> tuple[str, list[str]]:
@@ -96,8 +97,9 @@ def check_variants(parser: argparse.ArgumentParser, variants: list[str]) -> list
 
 
 def build(variant: str, shape: ModelConfig, device: torch.device | str = "cpu") -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-    """(model, forward) of a variant on `device`: hf_llama, or residual[+fused][+recompute][+compile]
-    (model.fused_residual; +recompute: fused_recompute_projections, implies fused; model.compile)."""
+    """(model, forward) of a variant on `device`: hf_llama, or residual[+fused][+recompute][+compile][+keep]
+    (model.fused_residual; +recompute: fused_recompute_projections, implies fused; model.compile;
+    +keep is the process's malloc, PROCESS_OPTIONS, which the caller applies)."""
     if variant == HF_NAME:
         model, forward = build_hf_llama(shape)
         return model.to(device), forward
@@ -306,8 +308,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="glibc malloc as train.cpu_malloc sets it (engine/host_memory.py; default: glibc's own, as training)")
     args = parser.parse_args(argv)
     malloc = tune_cpu_malloc(args.cpu_malloc)
+    variants = check_variants(parser, [v for v in args.variants.split(",") if v])
+    for variant in variants:
+        if set(parse_variant(variant)[1]) & set(PROCESS_OPTIONS):
+            parser.error(f"variant {variant!r}: {PROCESS_OPTIONS} set the whole process; all variants share one here "
+                         "(--cpu-malloc sets it for all), bench/bench_fused.py gives each variant its own")
     out = run(
-        variants=check_variants(parser, [v for v in args.variants.split(",") if v]),
+        variants=variants,
         layers=args.layers,
         d_model=args.d_model,
         heads=args.heads,

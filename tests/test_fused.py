@@ -145,11 +145,12 @@ def test_compiled_single_engine_trains_like_eager():
 
 def test_bench_fused_smoke(tmp_path):
     out_file = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--variants", "preln,mgt+fused", "--threads", "1", "--json", str(out_file)],
+    proc = subprocess.run([sys.executable, str(BENCH), "--smoke", "--variants", "preln,mgt+fused,preln+keep", "--threads", "1", "--json", str(out_file)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(out_file.read_text())
-    assert set(out["results"]) == {"preln", "mgt+fused"}
+    assert set(out["results"]) == {"preln", "mgt+fused", "preln+keep"}
+    assert out["results"]["preln"]["cpu_malloc"] == "default" and out["results"]["preln+keep"]["cpu_malloc"] == "keep"
     for r in out["results"].values():
         assert r["tokens_per_s"] > 0 and r["peak_memory_bytes"] > 0 and r["saved_bytes_per_token_per_layer"] > 0
     assert set(out["ratios"]["mgt+fused/preln"]) == {"tokens_per_s", "saved_bytes_per_token_per_layer", "peak_memory"}
