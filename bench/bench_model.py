@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     parser.add_argument("--json", default="", help="also write the result dict to this file")
     parser.add_argument("--cpu-malloc", choices=("keep", "default"), default="default",
-                        help="glibc malloc as train.cpu_malloc sets it (engine/host_memory.py; default: glibc's own, as training)")
+                        help="glibc malloc as train.cpu_malloc sets it (engine/host_memory.py; default: glibc's own; training's default is keep)")
     args = parser.parse_args(argv)
     malloc = tune_cpu_malloc(args.cpu_malloc)
     variants = check_variants(parser, [v for v in args.variants.split(",") if v])

@@ -181,7 +181,7 @@ def test_cpu_malloc_keep_is_applied_once_and_bad_modes_are_refused(zipf_shards, 
     from megatron_mgt.config import ConfigError
     from megatron_mgt.engine import host_memory
 
-    assert load_config(None, []).train.cpu_malloc == "default"
+    assert load_config(None, []).train.cpu_malloc == "keep"
     code = (
         "import sys; from megatron_mgt.config import load_config; from megatron_mgt.train import train; "
         "from megatron_mgt.engine import host_memory as h; "

@@ -4,12 +4,14 @@ By default glibc hands the top of its heap back to the kernel whenever more than
 threshold is free there, and adapts its mmap threshold as blocks come and go. A training
 step frees and re-allocates the same few-MB activations every step, so some pages are
 returned and faulted in again (zero-filled) on the next step, more for MGT with its larger
-saved set. `keep` (train.cpu_malloc; opt-in) fixes the mmap threshold at 32 MiB (glibc's
+saved set. `keep` (train.cpu_malloc, the default) fixes the mmap threshold at 32 MiB (glibc's
 maximum: larger tensors, e.g. the logits, still get their own mapping), keeps up to 1 GiB
-free at the heap top and grows it in 64 MiB steps. Measured at the benchmark shape (12
-layers, d 256, 8 x 256): minor page faults per step fall from about 107k to 60k (mgt) and
-64k to 30k (preln), but the step time does not change measurably (docs/BENCHMARKS.md "CPU
-malloc", bench/bench_host_malloc.py), so it is off by default. Results never change.
+free at the heap top and grows it in 64 MiB steps; `default` leaves glibc alone. Measured at
+the benchmark shape (12 layers, d 256, 8 x 256): minor page faults per step fall from about
+107k to 60k (mgt) and 64k to 30k (preln); paired per-step tokens/s keep / default, two runs
+of `bench/bench_fused.py --variants preln,preln+keep,mgt,mgt+keep --steps 20`: mgt 1.047
+[1.010, 1.085] and 1.049 [1.000, 1.099], preln 0.988 [0.942, 1.036] and 1.069 [1.029, 1.111]
+(docs/BENCHMARKS.md "CPU malloc"); peak RSS +1-2%. Results never change.
 """
 
 from __future__ import annotations

@@ -53,6 +53,7 @@ COMPARATORS = ("ddl_rank1", "mhc_nstream")  # used when registered in RESIDUAL_R
 _VOLATILE = (
     "train.run_dir",
     "train.threads",
+    "train.cpu_malloc",
     "train.resume",
     "train.exit_at_step",
     "train.exit_after_minutes",
