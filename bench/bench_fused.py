@@ -219,7 +219,7 @@ def format_table(out: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated: residual[+fused][+recompute][+compile] or hf_llama")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated: residual[+fused][+recompute][+compile][+keep] or hf_llama")
     add_shape_arguments(parser)
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (torch.compile compiles in the first)")

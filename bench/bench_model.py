@@ -112,12 +112,34 @@ def build(variant: str, shape: ModelConfig, device: torch.device | str = "cpu") 
     return model, forward
 
 
+BENCH_LR = 1e-4
+
+
+def bench_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """Training's AdamW (engine/optim.py: foreach, decay on matrices) at a constant lr BENCH_LR
+    (the schedule is left out: its warmup would start the lr near 0)."""
+    optimizer, _ = build_optimizer(model, TrainConfig(lr=BENCH_LR, weight_decay=0.1))
+    for group in optimizer.param_groups:
+        group["lr"] = BENCH_LR
+    return optimizer
+
+
+def check_in_process(parser: argparse.ArgumentParser, variants: list[str]) -> list[str]:
+    """A usage error for options that set the whole process (PROCESS_OPTIONS): every variant
+    shares one process here; bench/bench_fused.py gives each variant its own."""
+    for variant in variants:
+        if variant != HF_NAME and set(parse_variant(variant)[1]) & set(PROCESS_OPTIONS):
+            parser.error(f"variant {variant!r}: {PROCESS_OPTIONS} set the whole process; all variants share one here, "
+                         "bench/bench_fused.py gives each variant its own")
+    return variants
+
+
 class Candidate:
     """A model, its optimizer and one timed training step."""
 
     def __init__(self, name: str, model: nn.Module, forward: Callable, shape: ModelConfig, seq_len: int):
         self.name, self.model, self.forward = name, model.train(), forward
-        self.optimizer = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.1))[0]  # training's AdamW (foreach, decay on matrices)
+        self.optimizer = bench_optimizer(model)
         self.n_params = sum(p.numel() for p in model.parameters())
         self.n_matmul = matmul_params(model)
         self.flops_per_token = flops_per_token(shape, self.n_matmul, seq_len)
@@ -136,9 +158,9 @@ class Candidate:
 
 
 def comparison_pairs(variants: list[str]) -> list[tuple[str, str]]:
-    """(variant, reference) pairs to compare: every variant against preln, every `X+opts` against
-    eager X, and preln against hf_llama (where both are in the run)."""
-    pairs = [(v, "preln") for v in variants if v != "preln"]
+    """(variant, reference) pairs to compare: every variant but hf_llama against preln, every
+    `X+opts` against plain X, and preln against hf_llama (where both are in the run)."""
+    pairs = [(v, "preln") for v in variants if v not in ("preln", HF_NAME)]
     pairs += [(v, v.split("+")[0]) for v in variants if "+" in v and v.split("+")[0] != "preln"]
     pairs += [("preln", HF_NAME)]
     return [(a, b) for a, b in pairs if a in variants and b in variants]
@@ -299,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2)
     add_shape_arguments(parser)
-    parser.add_argument("--variants", default=",".join(RESIDUALS), help="comma-separated: residual[+fused][+recompute][+compile]")
+    parser.add_argument("--variants", default=",".join(RESIDUALS), help="comma-separated: residual[+fused][+recompute][+compile] (+keep: bench_fused.py only)")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face Llama comparison")
     parser.add_argument("--peak-seconds", type=float, default=3.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
@@ -308,11 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="glibc malloc as train.cpu_malloc sets it (engine/host_memory.py; default: glibc's own; training's default is keep)")
     args = parser.parse_args(argv)
     malloc = tune_cpu_malloc(args.cpu_malloc)
-    variants = check_variants(parser, [v for v in args.variants.split(",") if v])
-    for variant in variants:
-        if set(parse_variant(variant)[1]) & set(PROCESS_OPTIONS):
-            parser.error(f"variant {variant!r}: {PROCESS_OPTIONS} set the whole process; all variants share one here "
-                         "(--cpu-malloc sets it for all), bench/bench_fused.py gives each variant its own")
+    variants = check_in_process(parser, check_variants(parser, [v for v in args.variants.split(",") if v]))  # --cpu-malloc sets all
     out = run(
         variants=variants,
         layers=args.layers,

@@ -23,10 +23,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import add_shape_arguments, build, check_variants  # noqa: E402
+from bench_model import add_shape_arguments, bench_optimizer, build, check_in_process, check_variants  # noqa: E402
 
-from megatron_mgt.config import ModelConfig, TrainConfig  # noqa: E402
-from megatron_mgt.engine.optim import build_optimizer  # noqa: E402
+from megatron_mgt.config import ModelConfig  # noqa: E402
 from megatron_mgt.model import lm_loss  # noqa: E402
 
 # first matching rule wins; an op is matched by its aten name
@@ -39,6 +38,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
                      "aten::empty", "aten::zero_", "aten::fill_", "aten::zeros", "aten::ones", "aten::new_")),
 ]
 OTHER = "elementwise/other"
+PYTHON = "python"  # the self time of the phase markers themselves: Python and dispatch between ops
 OPTIMIZER = "optimizer"  # every op under the optimizer step, whatever its name
 PHASES = ("forward", "backward", OPTIMIZER)
 
@@ -65,7 +65,7 @@ def profile_variant(variant: str, shape: ModelConfig, batch: int, steps: int, wa
     torch.manual_seed(seed)
     model, forward = build(variant, shape)
     model.train()
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.1))[0]  # training's AdamW (engine/optim.py)
+    optimizer = bench_optimizer(model)
     data = torch.randint(0, shape.vocab_size, (batch, shape.max_seq_len + 1), generator=torch.Generator().manual_seed(seed))
     inputs, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
 
@@ -85,12 +85,12 @@ def profile_variant(variant: str, shape: ModelConfig, batch: int, steps: int, wa
             step()
     per_op: dict[str, float] = {}
     per_phase = dict.fromkeys(PHASES, 0.0)
-    per_category = {name: 0.0 for name, _ in CATEGORIES} | {OTHER: 0.0, OPTIMIZER: 0.0}
+    per_category = {name: 0.0 for name, _ in CATEGORIES} | {OTHER: 0.0, OPTIMIZER: 0.0, PYTHON: 0.0}
     for event in prof.events():  # self times partition the step: nothing is counted twice
         seconds = event.self_cpu_time_total / 1e6 / steps
         phase = phase_of(event)
         per_phase[phase] = per_phase.get(phase, 0.0) + seconds
-        per_category[OPTIMIZER if phase == PHASES[2] else category(event.name)] += seconds
+        per_category[PYTHON if event.name in PHASES else OPTIMIZER if phase == PHASES[2] else category(event.name)] += seconds
         per_op[event.name] = per_op.get(event.name, 0.0) + seconds
     total = sum(per_category.values())
     top = sorted(per_op.items(), key=lambda kv: -kv[1])[:12]
@@ -100,7 +100,7 @@ def profile_variant(variant: str, shape: ModelConfig, batch: int, steps: int, wa
 
 
 def format_table(results: dict[str, dict]) -> str:
-    names = [name for name, _ in CATEGORIES] + [OTHER, OPTIMIZER]
+    names = [name for name, _ in CATEGORIES] + [OTHER, OPTIMIZER, PYTHON]
     lines = ["| variant | step s (profiled) | " + " | ".join(names) + " |", "|---|---:|" + "---:|" * len(names)]
     for variant, r in results.items():
         cells = [f"{r['categories_s'][n]:.3f} ({100 * r['share'][n]:.0f}%)" for n in names]
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    variants = check_variants(parser, [v for v in args.variants.split(",") if v])
+    variants = check_in_process(parser, check_variants(parser, [v for v in args.variants.split(",") if v]))
     shape = ModelConfig(vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads, max_seq_len=args.seq_len)
     results = {}
     for variant in variants:

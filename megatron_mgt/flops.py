@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import platform
 import re
@@ -85,9 +86,16 @@ def measure_cpu_peak_flops(seconds: float = 2.0, size: int = 2048) -> float:
             return best
 
 
-def cpu_peak_cache() -> Path:
-    """$XDG_CACHE_HOME/megatron_mgt/cpu_peak.json (~/.cache by default): best CPU rates measured here."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megatron_mgt" / "cpu_peak.json"
+def cpu_peak_cache() -> Path | None:
+    """$XDG_CACHE_HOME/megatron_mgt/cpu_peak.json (~/.cache by default): best CPU rates measured
+    here; None where there is no home directory to put it in."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    if not base:
+        try:
+            base = Path.home() / ".cache"
+        except RuntimeError:  # no $HOME and no passwd entry (an arbitrary container uid)
+            return None
+    return Path(base) / "megatron_mgt" / "cpu_peak.json"
 
 
 def _cpu_key() -> str:
@@ -103,32 +111,49 @@ def _cpu_key() -> str:
     return f"{model} | {os.cpu_count()} cpus | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
 
+def _read_peaks(cache: Path) -> dict[str, float]:
+    """The cache's entries; a damaged file or entry (not a finite positive rate) is dropped with a warning."""
+    if not cache.is_file():
+        return {}
+    try:
+        known = json.loads(cache.read_text())
+        if not isinstance(known, dict):
+            raise ValueError(f"top level is {type(known).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as err:
+        warnings.warn(f"{cache}: unreadable CPU peak cache ({err}); starting it afresh", stacklevel=3)
+        return {}
+    good = {k: float(v) for k, v in known.items() if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
+    if len(good) != len(known):
+        warnings.warn(f"{cache}: dropped CPU peak entries that are not finite positive rates: {sorted(set(known) - set(good))}", stacklevel=3)
+    return good
+
+
 def remembered_cpu_peak(measured: float, cache: Path | None = None) -> float:
     """max(measured, the best rate remembered for this CPU key), remembering the new best.
     Interference only slows a GEMM down, so the best over runs is the estimate of the peak.
-    An unreadable cache is replaced (with a warning); an unwritable one is left alone."""
+    A damaged cache is replaced (with a warning); where none can be written the remembered
+    best is still read if it can be, and this run's measurement is used otherwise."""
     cache = cache or cpu_peak_cache()
+    if cache is None:
+        warnings.warn("no home directory for the CPU peak cache (set XDG_CACHE_HOME); MFU uses this run's measurement", stacklevel=2)
+        return measured
     key = _cpu_key()
+    best = measured
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         with open(cache.with_name(cache.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            known: dict = {}
-            if cache.is_file():
-                try:
-                    known = json.loads(cache.read_text())
-                    if not isinstance(known, dict):
-                        raise ValueError(f"top level is {type(known).__name__}, not an object")
-                except ValueError as err:
-                    warnings.warn(f"{cache}: unreadable CPU peak cache ({err}); starting it afresh", stacklevel=2)
-                    known = {}
-            best = max(measured, float(known.get(key, 0.0)))
-            if best > float(known.get(key, 0.0)):
+            known = _read_peaks(cache)
+            best = max(measured, known.get(key, 0.0))
+            if best > known.get(key, 0.0):
                 write_text_atomic(cache, json.dumps({**known, key: best}, indent=1))
-            return best
     except OSError as err:
-        warnings.warn(f"{cache}: CPU peak cache not usable ({err}); MFU uses this run's measurement", stacklevel=2)
-        return measured
+        try:
+            best = max(best, _read_peaks(cache).get(key, 0.0))  # read-only cache: still use what it knows
+        except OSError:
+            pass
+        warnings.warn(f"{cache}: CPU peak cache not writable ({err}); MFU uses the best known rate without storing this one", stacklevel=2)
+    return best
 
 
 def cuda_peak_flops_from_name(name: str) -> float | None:

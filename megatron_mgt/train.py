@@ -198,7 +198,9 @@ class Trainer:
         self.telemetry = GeometryTelemetry(cfg, engine, self.log)
         self.tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * cfg.data.seq_len * engine.dp_size  # global
         self.step_flops = flops_per_token(cfg.model, model_matmul_params(cfg), cfg.data.seq_len) * self.tokens_per_step
-        peak = device_peak_flops(engine.device, remember=True)  # per device; CPU: the best measured here at this thread count (flops.remembered_cpu_peak)
+        # per device. CPU, one rank: the best rate measured here at this thread count (flops.remembered_cpu_peak);
+        # several ranks measure at once, each its share of the cores (their sum is the machine's peak)
+        peak = device_peak_flops(engine.device, remember=engine.world_size == 1)
         self.peak = peak * engine.world_size if peak else None  # MFU per device = achieved / (per-device peak x devices)
         self.window_time, self.window_steps = 0.0, 0
         self.saved = str(resume_from) if resume_from is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -120,10 +121,28 @@ def test_remembered_cpu_peak_replaces_a_damaged_cache(tmp_path):
     assert list(json.loads(cache.read_text()).values()) == [3e10]
 
 
+@pytest.mark.parametrize("value", ["abc", None, [1], float("inf"), float("nan"), -1.0, True])
+def test_remembered_cpu_peak_drops_entries_that_are_not_rates(tmp_path, value):
+    cache = tmp_path / "cpu_peak.json"
+    from megatron_mgt.flops import _cpu_key
+
+    cache.write_text(json.dumps({_cpu_key(): value, "other cpu": 9e10}))
+    with pytest.warns(UserWarning, match="not finite positive rates"):
+        assert remembered_cpu_peak(3e10, cache) == 3e10
+    assert json.loads(cache.read_text()) == {"other cpu": 9e10, _cpu_key(): 3e10}
+
+
+def test_remembered_cpu_peak_without_a_home(monkeypatch):
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("Could not determine home directory."))))
+    with pytest.warns(UserWarning, match="no home directory"):
+        assert remembered_cpu_peak(4e10) == 4e10
+
+
 def test_remembered_cpu_peak_without_a_writable_cache(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.warns(UserWarning, match="not usable"):
+    with pytest.warns(UserWarning, match="not writable"):
         assert remembered_cpu_peak(4e10, blocker / "cpu_peak.json") == 4e10  # parent is a file
 
 

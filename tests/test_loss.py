@@ -46,8 +46,25 @@ def test_equals_f_cross_entropy_over_uneven_chunks_with_ignored_targets(monkeypa
     assert ours_in.grad[0, 1].abs().max() == 0  # an ignored target gets no gradient
 
 
-def test_every_target_ignored_gives_nan_as_f_cross_entropy():
-    logits = torch.randn(3, 5)
+def test_every_target_ignored_gives_nan_and_zero_gradient_as_f_cross_entropy():
+    ours, ref = torch.randn(3, 5, requires_grad=True), torch.randn(3, 5, requires_grad=True)
     targets = torch.full((3,), loss_module.IGNORE_INDEX)
-    assert math.isnan(lm_loss(logits, targets).item())
-    assert math.isnan(F.cross_entropy(logits, targets).item())
+    loss, ref_loss = lm_loss(ours, targets), F.cross_entropy(ref, targets)
+    assert math.isnan(loss.item()) and math.isnan(ref_loss.item())
+    loss.backward()
+    ref_loss.backward()
+    assert torch.equal(ours.grad, torch.zeros(3, 5)) and torch.equal(ref.grad, torch.zeros(3, 5))
+
+
+def test_targets_that_do_not_match_the_rows_are_refused():
+    with pytest.raises(ValueError, match="one target per row"):
+        lm_loss(torch.randn(5, 7), torch.tensor([2]))  # would broadcast silently
+    with pytest.raises(ValueError, match="one target per row"):
+        lm_loss(torch.randn(2, 3, 7), torch.zeros(2, 4, dtype=torch.long))
+
+
+def test_double_backward_is_refused():
+    logits = torch.randn(4, 6, requires_grad=True)
+    (grad,) = torch.autograd.grad(lm_loss(logits, torch.tensor([0, 1, 2, 3])), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|second"):
+        grad.sum().backward()

@@ -25,7 +25,8 @@ CUDA_CHUNK_BYTES = 256 << 20  # on a GPU: few enough chunks that kernel launches
 
 
 def _row_chunks(rows: int, vocab: int, device: torch.device) -> list[slice]:
-    step = max(1, (CUDA_CHUNK_BYTES if device.type == "cuda" else CHUNK_BYTES) // (4 * vocab))
+    """Row ranges of about CHUNK_BYTES of fp32 (CUDA_CHUNK_BYTES on CUDA and on the planner's meta device)."""
+    step = max(1, (CHUNK_BYTES if device.type == "cpu" else CUDA_CHUNK_BYTES) // (4 * max(vocab, 1)))
     return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
 
 
@@ -35,6 +36,8 @@ class CrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         rows, vocab = logits.shape
+        if targets.shape != (rows,):
+            raise ValueError(f"lm_loss: targets hold {tuple(targets.shape)} entries for {rows} rows of logits (one target per row)")
         scored = targets != IGNORE_INDEX
         safe_targets = torch.where(scored, targets, 0)
         picked = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -46,10 +49,11 @@ class CrossEntropy(torch.autograd.Function):
         return -torch.where(scored, picked, 0.0).sum() / count  # 0/0 = nan with no scored target, as F.cross_entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
         logits, safe_targets, scored, count = ctx.saved_tensors
         rows, vocab = logits.shape
-        scale = (grad_loss.float() / count) * scored.float()  # [rows]: 0 on ignored rows
+        scale = (grad_loss.float() / count.clamp_min(1)) * scored.float()  # [rows]: 0 on ignored rows (all ignored: 0, as F.cross_entropy)
         grad = torch.empty_like(logits)
         in_place = logits.dtype == torch.float32  # softmax written straight into the gradient, no copy pass
         for rows_ in _row_chunks(rows, vocab, logits.device):
@@ -62,6 +66,8 @@ class CrossEntropy(torch.autograd.Function):
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) of logits [..., V] against targets [...], in fp32;
-    targets equal to IGNORE_INDEX are not scored."""
+    """Mean next-token cross-entropy (nats) of logits [..., V] against targets [...] (one per
+    row of logits), in fp32; targets equal to IGNORE_INDEX are not scored."""
+    if targets.numel() != logits.numel() // max(logits.size(-1), 1):
+        raise ValueError(f"lm_loss: targets of shape {tuple(targets.shape)} do not match logits of shape {tuple(logits.shape)} (one target per row)")
     return CrossEntropy.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
