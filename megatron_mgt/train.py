@@ -215,6 +215,9 @@ class Trainer:
         history = [line for line in path.read_text().splitlines() if line.startswith("#")] if path.is_file() else []
         if changes:
             history.append(f"# step {self.step}, resumed from {resume_from}: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in changes))
+        for stale in sorted(self.run_dir.glob(f".{path.name}.*.tmp")):  # a killed write's temp (the run lock is ours: none is live)
+            stale.unlink(missing_ok=True)
+            notes["removed_temps"].append(stale.name)
         write_text_atomic(path, "".join(f"{line}\n" for line in history) + yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
         log = MetricsLog(self.run_dir, self.cfg, str(self.engine.device), self.step if resume_from is not None else None)
         for message in notes["rejected_checkpoints"]:

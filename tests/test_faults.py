@@ -209,11 +209,13 @@ def test_resume_supersedes_the_records_of_steps_it_repeats(zipf_shards, tmp_path
     (root / ".step_00000008.tmp").mkdir()  # a killed checkpoint write
     (root / ".latest.tmp").write_text("step_0")
     (root / ".latest.4242.tmp").write_text("step_0")
+    (run_dir / ".config.yaml.4243.tmp").write_text("train: {")  # a killed config.yaml write
     assert run(zipf_shards, run_dir).step == 8
     assert losses(run_dir) == first  # steps 5-8 once each, bit for bit the same
     assert [r["step"] for r in read_metrics(run_dir / "metrics.superseded.jsonl", "train")] == [5, 6, 7, 8]
     (resumed,) = events(run_dir, "resumed")
-    assert resumed["records_superseded"] > 4 and resumed["removed_temps"] == [".step_00000008.tmp", ".latest.tmp", ".latest.4242.tmp"]
+    assert resumed["records_superseded"] > 4 and resumed["removed_temps"] == [".step_00000008.tmp", ".latest.tmp", ".latest.4242.tmp", ".config.yaml.4243.tmp"]
+    assert not (run_dir / ".config.yaml.4243.tmp").exists()
     assert not list(root.glob(".*.tmp"))
 
 
