@@ -10,6 +10,7 @@ import yaml
 
 from megatron_mgt.experiments.cli import main as experiment_main
 from megatron_mgt.experiments.cli import run_experiment
+from megatron_mgt.experiments.report import fmt_ci, fmt_estimate, fmt_lr
 from megatron_mgt.stats import pearson, spearman
 
 MICRO = {
@@ -229,3 +230,11 @@ def test_report_only_chooses_no_lr_from_an_unfinished_sweep(micro, tmp_path):
     for sweep in results["lr_sweeps"]["1"].values():
         assert sweep["complete"] is False and sweep["lr"] is None and sweep["results"] == []
     assert all(row["label"] == "no finished run" and row["seeds"] == 0 for row in results["table"])
+
+
+def test_report_formats_lr_and_undefined_intervals():
+    """A 1.5e-3 lr must not print as a rounded 0.002; a one-seed interval is named, not 'nan'."""
+    assert fmt_lr(0.0015) == "0.0015" and fmt_lr(7.5e-4) == "0.00075" and fmt_lr(None) == "-"
+    assert fmt_ci([-0.25, 0.125]) == "[-0.250, +0.125]" and fmt_ci([3.1, 3.3], signed=False) == "[3.100, 3.300]"
+    assert fmt_ci([math.nan, math.nan]) == "n/a (1 seed)" and fmt_ci(None) == "-"
+    assert fmt_estimate({"mean": -0.444, "ci": [math.nan, math.nan]}) == "-0.444 n/a (1 seed)"

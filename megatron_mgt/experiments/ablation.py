@@ -19,7 +19,7 @@ from __future__ import annotations
 from megatron_mgt import plots
 from megatron_mgt.experiments.arms import arms_for, baselines_for, compare_arms, tuned_runs, tuning_settings
 from megatron_mgt.experiments.common import Experiment, train_curve
-from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
+from megatron_mgt.experiments.report import fmt_ci, fmt_lr, markdown_table, sizes_line, write_results
 from megatron_mgt.stats import decide, interaction
 
 CORE = ("preln", "mhc", "ddl", "mgt")
@@ -49,17 +49,14 @@ def run(exp: Experiment) -> dict:
     md += f"Baselines on every valid token: unigram {baselines['unigram']:.3f}, Kneser-Ney bigram {baselines['bigram_kn']:.3f} nats/token.\n\n"
     md += markdown_table(
         ["arm", "lr", "valid loss", "95% CI", f"- {baseline_arm}", "paired CI", "decision", "erank_tol last", "collapsed", "seeds", "note"],
-        [[r["arm"], r["lr"], r["valid_loss"], _ci(r["valid_loss_ci"]), (r.get("diff_vs_baseline") or {}).get("mean"), _ci((r.get("diff_vs_baseline") or {}).get("ci")),
+        [[r["arm"], fmt_lr(r["lr"]), r["valid_loss"], fmt_ci(r["valid_loss_ci"], signed=False), (r.get("diff_vs_baseline") or {}).get("mean"), fmt_ci((r.get("diff_vs_baseline") or {}).get("ci")),
           r.get("decision", "-"), r["erank_tol_last"], r["collapsed_last"], r["seeds"], r["label"]] for r in table],
     )
     md += (f"\nInteraction {inter['formula']}: per seed " + ", ".join(f"s{s}: {v:+.3f}" for s, v in inter["terms"].items())
-           + f"; mean {inter['mean']:+.3f}, {int(level * 100)}% CI {_ci(inter['ci'])}: {inter['decision']} under {rule}.\n")
+           + f"; mean {inter['mean']:+.3f}, {int(level * 100)}% CI {fmt_ci(inter['ci'])}: {inter['decision']} under {rule}.\n")
     md += "\n![train loss](train_loss.png)\n![erank](erank_by_layer.png)\n"
     results = {"depth": depth, "seeds": seeds, "baselines": baselines, "lr_sweeps": sweeps, "table": table, "interaction": inter, "runs": runs,
                "decision_rule": {"rule": rule, "rule_text": inter["rule_text"], "level": level, "baseline": baseline_arm}}
     write_results(exp, results, md)
     return results
 
-
-def _ci(ci) -> str:
-    return f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "-"

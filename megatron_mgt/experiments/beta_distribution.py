@@ -23,7 +23,7 @@ from megatron_mgt import plots
 from megatron_mgt.config import derive
 from megatron_mgt.experiments.arms import arm_config, tuned_runs, tuning_settings
 from megatron_mgt.experiments.common import Experiment, run_grid, variants_for
-from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
+from megatron_mgt.experiments.report import fmt_estimate, fmt_lr, markdown_table, sizes_line, write_results
 from megatron_mgt.stats import decide, spearman, t_interval
 
 STAT_KEYS = ("frac_negative_all", "frac_negative_shallow_third", "frac_negative_deep_third", "deep_minus_shallow", "spearman_negfrac_depth",
@@ -103,9 +103,9 @@ def run(exp: Experiment) -> dict:
           f"third of the fraction of beta < 0 under {rule}: 'deeper' if its interval lies above 0.\n\n")
     md += markdown_table(["variant", "layers", "lr", "frac beta<0 (all)", "shallow third", "deep third", "D = deep - shallow (CI)", "decision",
                           "rho(neg, depth)", "rho(neg, erank out) (CI)", "rho(neg, erank change) (CI)", "rho(mean beta, erank out)", "beta min", "beta max", "seeds"],
-                         [[r["variant"], r["depth"], r["lr"], r["frac_negative_all"]["mean"], r["frac_negative_shallow_third"]["mean"],
-                           r["frac_negative_deep_third"]["mean"], _with_ci(r["deep_minus_shallow"]), r["decision_deeper"], r["spearman_negfrac_depth"]["mean"],
-                           _with_ci(r["spearman_negfrac_erank_out"]), _with_ci(r["spearman_negfrac_erank_change"]), r["spearman_betamean_erank_out"]["mean"],
+                         [[r["variant"], r["depth"], fmt_lr(r["lr"]), r["frac_negative_all"]["mean"], r["frac_negative_shallow_third"]["mean"],
+                           r["frac_negative_deep_third"]["mean"], fmt_estimate(r["deep_minus_shallow"]), r["decision_deeper"], r["spearman_negfrac_depth"]["mean"],
+                           fmt_estimate(r["spearman_negfrac_erank_out"]), fmt_estimate(r["spearman_negfrac_erank_change"]), r["spearman_betamean_erank_out"]["mean"],
                            r["beta_min"], r["beta_max"], r["seeds"]] for r in rows])
     md += "\n![scatter](negfrac_vs_erank.png)\n" + "".join(f"![beta {r['variant']} L{r['depth']}](beta_by_sublayer_{r['variant']}_L{r['depth']}.png)\n" for r in rows)
     results = {"table": rows, "runs": runs, "evolution": evolution, "lr_sweeps": {str(d): s for d, s in sweeps.items()},
@@ -133,6 +133,3 @@ def plot_evolution(exp: Experiment, arms, depths, seed: int, sweeps) -> dict:
                            f"mean beta [layer, step], {o.cfg.model.residual} {d} layers", "mean beta")
     return evolution
 
-
-def _with_ci(t: dict) -> str:
-    return f"{t['mean']:+.3f} [{t['ci'][0]:+.3f}, {t['ci'][1]:+.3f}]"

@@ -19,7 +19,7 @@ from __future__ import annotations
 from megatron_mgt import plots
 from megatron_mgt.experiments.arms import arms_for, baselines_for, compare_arms, tuned_runs, tuning_settings
 from megatron_mgt.experiments.common import Experiment
-from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
+from megatron_mgt.experiments.report import fmt_ci, fmt_estimate, fmt_lr, markdown_table, sizes_line, write_results
 from megatron_mgt.stats import decide
 
 
@@ -52,8 +52,8 @@ def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, 
     rows = []
     for r in table:
         d = r.get("diff_vs_baseline")
-        rows.append([r["arm"], r["depth"], r["lr"], r["valid_loss"], f"[{r['valid_loss_ci'][0]:.3f}, {r['valid_loss_ci'][1]:.3f}]",
-                     d["mean"] if d else None, f"[{d['ci'][0]:.3f}, {d['ci'][1]:.3f}]" if d else "-", r.get("decision", "-"),
+        rows.append([r["arm"], r["depth"], fmt_lr(r["lr"]), r["valid_loss"], fmt_ci(r["valid_loss_ci"], signed=False),
+                     d["mean"] if d else None, fmt_ci(d["ci"]) if d else "-", r.get("decision", "-"),
                      r["erank_tol_last"], r["ln_erank_tol_last"], r["collapsed_last"], r["seeds"], r["diverged"], r["label"]])
     md += markdown_table(["arm", "layers", "lr", "valid loss", "95% CI", f"- {baseline_arm}", "paired CI", "decision",
                           "erank_tol last", "erank_tol LN last", "collapsed", "seeds", "diverged", "note"], rows)
@@ -62,8 +62,7 @@ def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, 
     for r in table:
         cells = [r["arm"], r["depth"], r["erank_tol_last"], r["ln_erank_tol_last"], r["stable_rank_last"], r["token_cosine_last"]]
         for key in ("erank_tol_last", "ln_erank_tol_last"):
-            d = r.get(f"{key}_diff_vs_baseline")
-            cells.append(f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}]" if d else "-")
+            cells.append(fmt_estimate(r.get(f"{key}_diff_vs_baseline")))
         rank_rows.append(cells)
     md += markdown_table(["arm", "layers", "erank_tol", "erank_tol of LN(X)", "stable rank", "token cosine", f"erank_tol - {baseline_arm} (CI)",
                           f"LN erank_tol - {baseline_arm} (CI)"], rank_rows)

@@ -18,6 +18,26 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def fmt_ci(ci, signed: bool = True) -> str:
+    """'[lo, hi]' of a confidence interval; 'n/a (1 seed)' where it is undefined (fewer than 2 paired values)."""
+    if not ci:
+        return "-"
+    if not all(math.isfinite(v) for v in ci):
+        return "n/a (1 seed)"
+    sign = "+" if signed else ""
+    return f"[{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]"
+
+
+def fmt_estimate(t: dict | None) -> str:
+    """'mean [lo, hi]' of a {mean, ci} record (signed)."""
+    return f"{t['mean']:+.3f} {fmt_ci(t['ci'])}" if t else "-"
+
+
+def fmt_lr(lr: float | None) -> str:
+    """A learning rate at 3 significant digits (1.5e-3 reads 0.0015, never a rounded 0.002)."""
+    return "-" if lr is None else f"{lr:.3g}"
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]], digits: int = 3) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(fmt(v, digits) for v in row) + " |" for row in rows]
