@@ -238,3 +238,17 @@ def test_report_formats_lr_and_undefined_intervals():
     assert fmt_ci([-0.25, 0.125]) == "[-0.250, +0.125]" and fmt_ci([3.1, 3.3], signed=False) == "[3.100, 3.300]"
     assert fmt_ci([math.nan, math.nan]) == "n/a (1 seed)" and fmt_ci(None) == "-"
     assert fmt_estimate({"mean": -0.444, "ci": [math.nan, math.nan]}) == "-0.444 n/a (1 seed)"
+
+
+def test_matched_d_ff_is_the_smallest_width_reaching_mgts_count():
+    """The affine solve gives the linear search's answer (the run names of preln_matched depend on it)."""
+    from megatron_mgt.config import derive, load_config
+    from megatron_mgt.experiments.arms import matched_d_ff, param_count
+
+    for layers, d in ((2, 32), (5, 48)):
+        base = derive(load_config(None), {"model.n_layers": layers, "model.d_model": d, "model.n_heads": 2, "model.vocab_size": 97})
+        goal = param_count(derive(base, {"model.residual": "mgt"}))
+        d_ff = matched_d_ff(base)
+        assert param_count(derive(base, {"model.residual": "preln", "model.d_ff": d_ff})) >= goal
+        assert param_count(derive(base, {"model.residual": "preln", "model.d_ff": d_ff - 1})) < goal
+        assert d_ff > derive(base, {"model.residual": "preln"}).model.ffn_dim

@@ -16,6 +16,9 @@ chosen lr at that seed is the sweep's own run (one name, one hash).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 from collections.abc import Mapping
 
 import torch
@@ -36,13 +39,32 @@ def param_count(cfg: Config) -> int:
         return sum(p.numel() for p in Transformer(cfg.model).parameters())
 
 
+_MATCHED_D_FF: dict[str, int] = {}
+
+
 def matched_d_ff(base: Config, target: str = "mgt") -> int:
     """The FFN width at which pre-LN has the parameter count of `target` (same depth and
-    width): the smallest d_ff whose count reaches the target's."""
+    width): the smallest d_ff >= the default whose count reaches the target's. The count is
+    affine in d_ff (3 d d_ff per SwiGLU layer), so two builds give the slope and the answer;
+    a check on each side keeps "smallest" exact. Remembered per model config (a campaign
+    asks for it once per preln_matched run config)."""
+    key = json.dumps({"model": dataclasses.asdict(base.model), "target": target}, sort_keys=True, default=str)
+    if key in _MATCHED_D_FF:
+        return _MATCHED_D_FF[key]
     goal = param_count(derive(base, {"model.residual": target}))
-    d_ff = derive(base, {"model.residual": "preln"}).model.ffn_dim
-    while param_count(derive(base, {"model.residual": "preln", "model.d_ff": d_ff})) < goal:
+    start = derive(base, {"model.residual": "preln"}).model.ffn_dim
+
+    def count(d_ff: int) -> int:
+        return param_count(derive(base, {"model.residual": "preln", "model.d_ff": d_ff}))
+
+    at_start = count(start)
+    slope = count(start + 1) - at_start
+    d_ff = start if at_start >= goal or slope <= 0 else start + max(0, math.ceil((goal - at_start) / slope))
+    while count(d_ff) < goal:
         d_ff += 1
+    while d_ff > start and count(d_ff - 1) >= goal:
+        d_ff -= 1
+    _MATCHED_D_FF[key] = d_ff
     return d_ff
 
 
