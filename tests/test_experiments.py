@@ -252,3 +252,44 @@ def test_matched_d_ff_is_the_smallest_width_reaching_mgts_count():
         assert param_count(derive(base, {"model.residual": "preln", "model.d_ff": d_ff})) >= goal
         assert param_count(derive(base, {"model.residual": "preln", "model.d_ff": d_ff - 1})) < goal
         assert d_ff > derive(base, {"model.residual": "preln"}).model.ffn_dim
+
+
+def test_a_runner_skips_a_sweep_point_another_holds_and_waits_only_at_the_end(micro, tmp_path):
+    """Edge extensions are sequential within an arm: while another runner trains preln's point,
+    this runner finishes mgt's sweep instead of waiting, then waits for preln's."""
+    import fcntl
+    import threading
+    import time
+
+    from megatron_mgt.config import derive
+    from megatron_mgt.experiments import arms, lr_sweep
+    from megatron_mgt.experiments.common import load_experiment, run_name
+
+    write_preset, _, _ = micro
+    exp = load_experiment("depth_scaling", write_preset("depth_scaling", {"variants": ["preln", "mgt"], "depths": [1], "seeds": [1], "tuning": TUNING}))
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    first = derive(exp.base, {"model.n_layers": 1, "train.seed": 1})
+    grid = lr_sweep.initial_grid(TUNING["center"], TUNING["points"], TUNING["factor"])
+    held = run_name(arms.arm_config(derive(first, {"train.lr": grid[0]}), "preln"))
+    mgt_runs = [run_name(arms.arm_config(derive(first, {"train.lr": lr}), "mgt")) for lr in grid]
+    locked, seen = threading.Event(), {}
+
+    def other_runner():  # holds preln's point until mgt's sweep is done (training needs the main thread)
+        with open(pool / f".{held}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            locked.set()
+            deadline = time.monotonic() + 300
+            while not all((pool / n / "eval" / "eval.json").is_file() for n in mgt_runs) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            seen["mgt_done"] = all((pool / n / "eval" / "eval.json").is_file() for n in mgt_runs)
+            seen["held_untouched"] = not (pool / held / "metrics.jsonl").exists()
+
+    thread = threading.Thread(target=other_runner)
+    thread.start()
+    locked.wait(10)
+    result = arms._extend_sweeps(first, ["preln", "mgt"], 1, pool, arms.tuning_settings(exp.grid))
+    thread.join(10)
+    assert seen == {"mgt_done": True, "held_untouched": True}  # it moved on to mgt instead of waiting
+    assert list(result) == ["preln", "mgt"] and all(result[a]["complete"] and result[a]["lr"] in grid for a in result)
+    assert (pool / held / "eval" / "eval.json").is_file()  # trained by this runner once released

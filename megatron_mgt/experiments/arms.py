@@ -91,18 +91,31 @@ class _NotRun(Exception):
     """A sweep point that report-only mode finds unfinished."""
 
 
-def tuned_arm(base: Config, arm: str, depth: int, pool, tuning: Mapping, report_only: bool = False) -> dict:
+class SweepPointHeld(Exception):
+    """A sweep point that another runner on the pool is training (tuned_arm with wait=False);
+    `trained` says whether this call trained an earlier point of the sweep first."""
+
+    def __init__(self, lr: float, trained: bool):
+        super().__init__(lr)
+        self.lr, self.trained = lr, trained
+
+
+def tuned_arm(base: Config, arm: str, depth: int, pool, tuning: Mapping, report_only: bool = False, wait: bool = True) -> dict:
     """The lr sweep of `arm` at the sweep depth of `depth` (tuning['bands']) and the first
     seed of `base`: every point, the chosen lr and the rule (lr_sweep.sweep's record), and
     `complete`. In report-only mode a sweep with an unfinished point chooses nothing (lr None,
-    complete False) rather than choosing among the points that happen to be done."""
+    complete False) rather than choosing among the points that happen to be done. With
+    `wait=False`, a point another runner holds raises SweepPointHeld instead of waiting."""
     sweep_depth = int(tuning["bands"].get(depth, depth))
     at_depth = derive(base, {"model.n_layers": sweep_depth})
     outcomes: dict[float, RunOutcome] = {}
 
     def loss_at(lr: float) -> float:
-        outcomes[lr] = ensure_run(arm_config(derive(at_depth, {"train.lr": lr}), arm), pool, tag=arm if arm in SPECIAL_ARMS else "", report_only=report_only)
-        if outcomes[lr].status == "missing":
+        outcome = ensure_run(arm_config(derive(at_depth, {"train.lr": lr}), arm), pool, tag=arm if arm in SPECIAL_ARMS else "", report_only=report_only, wait=wait)
+        if outcome is None:
+            raise SweepPointHeld(lr, trained=any(o.trained_now for o in outcomes.values()))
+        outcomes[lr] = outcome
+        if outcome.status == "missing":
             raise _NotRun(lr)
         return run_summary(outcomes[lr])["valid_loss"]
 
@@ -150,7 +163,7 @@ def tuned_runs(exp: Experiment, arms: list[str], depth: int, seeds: list[int], t
         grid = lr_sweep.initial_grid(float(tuning["center"]), int(tuning["points"]), float(tuning["factor"]))
         at_depth = derive(first, {"model.n_layers": int(tuning["bands"].get(depth, depth))})
         run_grid([(arm_config(derive(at_depth, {"train.lr": lr}), arm), arm if arm in SPECIAL_ARMS else "") for arm in arms for lr in grid], exp.pool, f"{desc} lr sweeps")
-    sweeps = {arm: tuned_arm(first, arm, depth, exp.pool, tuning, report_only=common.REPORT_ONLY) for arm in arms}
+    sweeps = _extend_sweeps(first, arms, depth, exp.pool, tuning)
     specs = []
     for arm in arms:
         if sweeps[arm]["lr"] is None:
@@ -160,6 +173,29 @@ def tuned_runs(exp: Experiment, arms: list[str], depth: int, seeds: list[int], t
             specs.append((arm_config(cfg, arm), arm if arm in SPECIAL_ARMS else ""))
     runs = [{**run_summary(o), "arm": o.tag or o.cfg.model.residual, "depth": depth} for o in run_grid(specs, exp.pool, desc)]
     return sweeps, runs
+
+
+def _extend_sweeps(first: Config, arms: list[str], depth: int, pool, tuning: Mapping) -> dict:
+    """{arm: tuned_arm record} for every arm. Edge extensions are sequential within an arm, so
+    a runner that meets a point another runner is training goes on to the next arm's sweep
+    instead of waiting; it waits (on the first unfinished arm) only after a round in which it
+    neither finished a sweep nor trained a point."""
+    sweeps: dict[str, dict] = {}
+    pending = list(arms)
+    while pending:
+        progressed = False
+        for arm in list(pending):
+            try:
+                sweeps[arm] = tuned_arm(first, arm, depth, pool, tuning, report_only=common.REPORT_ONLY, wait=False)
+            except SweepPointHeld as held:
+                progressed |= held.trained
+                continue
+            pending.remove(arm)
+            progressed = True
+        if pending and not progressed:
+            sweeps[pending[0]] = tuned_arm(first, pending[0], depth, pool, tuning, report_only=common.REPORT_ONLY)
+            pending.pop(0)
+    return {arm: sweeps[arm] for arm in arms}
 
 
 RANK_KEYS = ("erank_tol_last", "ln_erank_tol_last", "stable_rank_last", "token_cosine_last", "collapsed_last", "epochs", "distance_from_init")
