@@ -234,10 +234,10 @@ def test_report_only_chooses_no_lr_from_an_unfinished_sweep(micro, tmp_path):
 
 def test_report_formats_lr_and_undefined_intervals():
     """A 1.5e-3 lr must not print as a rounded 0.002; a one-seed interval is named, not 'nan'."""
-    assert fmt_lr(0.0015) == "0.0015" and fmt_lr(7.5e-4) == "0.00075" and fmt_lr(None) == "-"
+    assert fmt_lr(0.0015) == "0.0015" and fmt_lr(7.5e-4) == "0.00075" and fmt_lr(1.875e-4) == "0.0001875" and fmt_lr(None) == "-"
     assert fmt_ci([-0.25, 0.125]) == "[-0.250, +0.125]" and fmt_ci([3.1, 3.3], signed=False) == "[3.100, 3.300]"
-    assert fmt_ci([math.nan, math.nan]) == "n/a (1 seed)" and fmt_ci(None) == "-"
-    assert fmt_estimate({"mean": -0.444, "ci": [math.nan, math.nan]}) == "-0.444 n/a (1 seed)"
+    assert fmt_ci([math.nan, math.nan]) == "n/a (<2 seeds)" and fmt_ci(None) == "-"
+    assert fmt_estimate({"mean": -0.444, "ci": [math.nan, math.nan]}) == "-0.444 n/a (<2 seeds)"
 
 
 def test_matched_d_ff_is_the_smallest_width_reaching_mgts_count():
@@ -254,17 +254,27 @@ def test_matched_d_ff_is_the_smallest_width_reaching_mgts_count():
         assert d_ff > derive(base, {"model.residual": "preln"}).model.ffn_dim
 
 
-def test_a_runner_skips_a_sweep_point_another_holds_and_waits_only_at_the_end(micro, tmp_path):
+def test_a_runner_skips_a_sweep_point_another_holds_and_waits_only_at_the_end(micro, tmp_path, monkeypatch):
     """Edge extensions are sequential within an arm: while another runner trains preln's point,
-    this runner finishes mgt's sweep instead of waiting, then waits for preln's."""
+    this runner finishes mgt's sweep instead of waiting, then waits (blocking, not spinning)."""
     import fcntl
     import threading
     import time
 
     from megatron_mgt.config import derive
-    from megatron_mgt.experiments import arms, lr_sweep
+    from megatron_mgt.experiments import arms, common, lr_sweep
     from megatron_mgt.experiments.common import load_experiment, run_name
 
+    monkeypatch.setattr(common, "ARCHIVE", None)  # earlier tests' archive holds these very runs
+    monkeypatch.setattr(common, "REPORT_ONLY", False)
+    calls: list[tuple[str, bool]] = []
+    real_ensure_run = arms.ensure_run
+
+    def recording_ensure_run(cfg, pool, tag="", **kw):
+        calls.append((run_name(cfg, tag), kw.get("wait", True)))
+        return real_ensure_run(cfg, pool, tag, **kw)
+
+    monkeypatch.setattr(arms, "ensure_run", recording_ensure_run)
     write_preset, _, _ = micro
     exp = load_experiment("depth_scaling", write_preset("depth_scaling", {"variants": ["preln", "mgt"], "depths": [1], "seeds": [1], "tuning": TUNING}))
     pool = tmp_path / "pool"
@@ -273,23 +283,29 @@ def test_a_runner_skips_a_sweep_point_another_holds_and_waits_only_at_the_end(mi
     grid = lr_sweep.initial_grid(TUNING["center"], TUNING["points"], TUNING["factor"])
     held = run_name(arms.arm_config(derive(first, {"train.lr": grid[0]}), "preln"))
     mgt_runs = [run_name(arms.arm_config(derive(first, {"train.lr": lr}), "mgt")) for lr in grid]
-    locked, seen = threading.Event(), {}
+    locked, stop, seen = threading.Event(), threading.Event(), {}
 
     def other_runner():  # holds preln's point until mgt's sweep is done (training needs the main thread)
         with open(pool / f".{held}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             locked.set()
-            deadline = time.monotonic() + 300
-            while not all((pool / n / "eval" / "eval.json").is_file() for n in mgt_runs) and time.monotonic() < deadline:
+            deadline = time.monotonic() + 120
+            while not stop.is_set() and not all((pool / n / "eval" / "eval.json").is_file() for n in mgt_runs) and time.monotonic() < deadline:
                 time.sleep(0.2)
             seen["mgt_done"] = all((pool / n / "eval" / "eval.json").is_file() for n in mgt_runs)
             seen["held_untouched"] = not (pool / held / "metrics.jsonl").exists()
+            stop.wait(3)  # hold a little longer: the runner's next round finds it held again and must block
 
-    thread = threading.Thread(target=other_runner)
+    thread = threading.Thread(target=other_runner, daemon=True)
     thread.start()
-    locked.wait(10)
-    result = arms._extend_sweeps(first, ["preln", "mgt"], 1, pool, arms.tuning_settings(exp.grid))
-    thread.join(10)
+    assert locked.wait(10)
+    try:
+        result = arms._extend_sweeps(first, ["preln", "mgt"], 1, pool, arms.tuning_settings(exp.grid))
+    finally:
+        stop.set()  # on the success path the other runner has already let go
+        thread.join(10)
     assert seen == {"mgt_done": True, "held_untouched": True}  # it moved on to mgt instead of waiting
+    tries = [wait for name, wait in calls if name == held]
+    assert tries == [False, False, True], tries  # skipped, tried again after mgt, then blocked once (no spinning)
     assert list(result) == ["preln", "mgt"] and all(result[a]["complete"] and result[a]["lr"] in grid for a in result)
     assert (pool / held / "eval" / "eval.json").is_file()  # trained by this runner once released

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Mapping
 
 import torch
@@ -59,7 +58,9 @@ def matched_d_ff(base: Config, target: str = "mgt") -> int:
 
     at_start = count(start)
     slope = count(start + 1) - at_start
-    d_ff = start if at_start >= goal or slope <= 0 else start + max(0, math.ceil((goal - at_start) / slope))
+    if at_start < goal and slope <= 0:
+        raise ValueError(f"preln_matched: pre-LN's parameter count does not grow with d_ff at n_layers={base.model.n_layers}; no width matches {target}")
+    d_ff = start if at_start >= goal else start - (-(goal - at_start) // slope)
     while count(d_ff) < goal:
         d_ff += 1
     while d_ff > start and count(d_ff - 1) >= goal:

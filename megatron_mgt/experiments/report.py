@@ -19,11 +19,11 @@ def fmt(value, digits: int = 3) -> str:
 
 
 def fmt_ci(ci, signed: bool = True) -> str:
-    """'[lo, hi]' of a confidence interval; 'n/a (1 seed)' where it is undefined (fewer than 2 paired values)."""
+    """'[lo, hi]' of a confidence interval; 'n/a (<2 seeds)' where it is undefined (fewer than 2 values)."""
     if not ci:
         return "-"
     if not all(math.isfinite(v) for v in ci):
-        return "n/a (1 seed)"
+        return "n/a (<2 seeds)"
     sign = "+" if signed else ""
     return f"[{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]"
 
@@ -34,8 +34,8 @@ def fmt_estimate(t: dict | None) -> str:
 
 
 def fmt_lr(lr: float | None) -> str:
-    """A learning rate at 3 significant digits (1.5e-3 reads 0.0015, never a rounded 0.002)."""
-    return "-" if lr is None else f"{lr:.3g}"
+    """A learning rate as swept, unrounded (1.5e-3 reads 0.0015, 1.875e-4 0.0001875; never a rounded 0.002)."""
+    return "-" if lr is None else f"{lr:g}"
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]], digits: int = 3) -> str:
