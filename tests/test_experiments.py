@@ -309,3 +309,31 @@ def test_a_runner_skips_a_sweep_point_another_holds_and_waits_only_at_the_end(mi
     assert tries == [False, False, True], tries  # skipped, tried again after mgt, then blocked once (no spinning)
     assert list(result) == ["preln", "mgt"] and all(result[a]["complete"] and result[a]["lr"] in grid for a in result)
     assert (pool / held / "eval" / "eval.json").is_file()  # trained by this runner once released
+
+
+def test_status_lists_what_a_rerun_would_train(micro, tmp_path, monkeypatch):
+    """--status walks the grid in report-only mode: an open sweep before any run, nothing
+    after the experiment ran, and a run whose lock another runner holds as running."""
+    import fcntl
+
+    from megatron_mgt.experiments import common
+    from megatron_mgt.experiments.cli import grid_status
+
+    monkeypatch.setattr(common, "ARCHIVE", None)
+    monkeypatch.setattr(common, "REPORT_ONLY", False)
+    write_preset, _, _ = micro
+    preset = write_preset("depth_scaling", {"variants": ["preln"], "depths": [1], "seeds": [1, 2], "tuning": TUNING})
+    steps = [{"experiment": "depth_scaling", "preset": str(preset), "overrides": []}]
+    pool = tmp_path / "pool"
+    before = grid_status(steps, pool=pool)
+    assert "1 runs to train (0 running); sweeps still open: preln@1" in before and "no estimate" in before  # the sweep's first point hides the rest
+    assert "at least" in before and not list(pool.glob("*/metrics.jsonl")) and common.REPORT_ONLY is False  # nothing trained
+    run_experiment("depth_scaling", preset, pool=pool, out=tmp_path / "out")
+    assert "total: 0 runs to train;" in grid_status(steps, pool=pool)
+    seed2 = next(p for p in pool.iterdir() if p.name.startswith("preln_L1_s2_"))
+    (seed2 / "eval" / "eval.json").unlink()
+    with open(pool / f".{seed2.name}.lock", "w") as other_runner:
+        fcntl.flock(other_runner, fcntl.LOCK_EX)
+        held = grid_status(steps, pool=pool, workers=2)
+    assert f"{seed2.name}: running, step 6, ~0 min" in held and "total: 1 runs to train;" in held and "with 2 worker(s)" in held
+    assert f"{seed2.name}: to train, ~" in grid_status(steps, pool=pool)

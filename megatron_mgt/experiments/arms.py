@@ -117,6 +117,7 @@ def tuned_arm(base: Config, arm: str, depth: int, pool, tuning: Mapping, report_
             raise SweepPointHeld(lr, trained=any(o.trained_now for o in outcomes.values()))
         outcomes[lr] = outcome
         if outcome.status == "missing":
+            common.NOT_FINISHED[outcome.name] = (arm, sweep_depth, outcome.cfg.train.max_steps)
             raise _NotRun(lr)
         return run_summary(outcomes[lr])["valid_loss"]
 
@@ -124,6 +125,7 @@ def tuned_arm(base: Config, arm: str, depth: int, pool, tuning: Mapping, report_
     try:
         record = {**lr_sweep.sweep(loss_at, center, points, factor, most), "complete": True}
     except _NotRun:
+        common.OPEN_SWEEPS.append(f"{arm}@{sweep_depth}")
         done = {lr: run_summary(o)["valid_loss"] for lr, o in outcomes.items() if o.status != "missing"}
         record = {"lr": None, "loss": None, "interior": False, "converged": False, "complete": False, "results": [[lr, done[lr]] for lr in sorted(done)],
                   "rule": lr_sweep.SELECTION_RULE, "center": center, "factor": factor, "max_points": most}

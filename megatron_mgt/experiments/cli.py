@@ -1,7 +1,7 @@
 """One entry point for the evaluation protocol's runners.
 
     mgt-experiment NAME --preset configs/experiments/X.yaml [--out DIR] [--pool DIR] [--report-only] [key=value ...]
-    mgt-experiment campaign --preset configs/experiments/campaign_cpu.yaml [--report-only]
+    mgt-experiment campaign --preset configs/experiments/campaign_cpu.yaml [--report-only | --status [--workers N]]
 
 NAME: rank_evolution | ablation | beta_distribution | depth_scaling | copy_task | edge_of_chaos;
 `campaign` runs the steps its preset lists (experiment, preset, overrides), in order, each
@@ -10,7 +10,9 @@ resumable: rerun the same command to continue after an interruption.
 other `section.key=value` is a training-config override applied to every run. Training
 runs live in the pool (--pool, default from the preset) and are shared between
 experiments; finished runs are skipped, interrupted ones resume. Writes results.json,
-results.md and PNGs into --out.
+results.md and PNGs into --out. `--status` trains and writes nothing: it lists the runs the
+grid (or every campaign step) still needs, which are running, and an estimate of the time
+left (experiments/status.py).
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
 
 from megatron_mgt.config import ConfigError
-from megatron_mgt.experiments import common
+from megatron_mgt.experiments import common, status
 from megatron_mgt.experiments.common import load_experiment
 
 EXPERIMENTS = ("rank_evolution", "ablation", "beta_distribution", "depth_scaling", "copy_task", "edge_of_chaos")
@@ -39,22 +42,47 @@ def run_experiment(name: str, preset: str, overrides=(), out=None, pool=None) ->
     return module.run(exp)
 
 
-def run_campaign(preset: str, overrides=()) -> list[dict]:
-    """Every step of a campaign preset, in order: {campaign: [{experiment, preset, overrides}]}
-    (step presets relative to the campaign file); overrides after the preset apply to every step."""
+def campaign_steps(preset: str) -> list[dict]:
+    """The validated steps of a campaign preset: [{experiment, preset (relative to the campaign file), overrides}]."""
     path = Path(preset)
     if not path.is_file():
         raise ConfigError(f"campaign preset not found: {path}")
     steps = (yaml.safe_load(path.read_text()) or {}).get("campaign")
     if not isinstance(steps, list) or not steps:
         raise ConfigError(f"{path}: needs a non-empty list under 'campaign:'")
-    results = []
     for i, step in enumerate(steps):
         if not isinstance(step, dict) or set(step) - {"experiment", "preset", "overrides"} or "experiment" not in step or "preset" not in step:
             raise ConfigError(f"{path}: campaign step {i} must be a mapping with experiment, preset and optional overrides, got {step!r}")
-        print(f"mgt-experiment campaign: step {i + 1}/{len(steps)}: {step['experiment']} {step['preset']} {step.get('overrides', [])}", flush=True)
-        results.append(run_experiment(step["experiment"], str(path.parent / step["preset"]), [*step.get("overrides", []), *overrides]))
+    return [{"experiment": s["experiment"], "preset": str(path.parent / s["preset"]), "overrides": list(s.get("overrides", []))} for s in steps]
+
+
+def run_campaign(preset: str, overrides=()) -> list[dict]:
+    """Every step of a campaign preset, in order: {campaign: [{experiment, preset, overrides}]}
+    (step presets relative to the campaign file); overrides after the preset apply to every step."""
+    steps = campaign_steps(preset)
+    results = []
+    for i, step in enumerate(steps):
+        print(f"mgt-experiment campaign: step {i + 1}/{len(steps)}: {step['experiment']} {step['preset']} {step['overrides']}", flush=True)
+        results.append(run_experiment(step["experiment"], step["preset"], [*step["overrides"], *overrides]))
     return results
+
+
+def grid_status(steps: list[dict], overrides=(), pool=None, workers: int = 1) -> str:
+    """status.summary of the runs `steps` still need: each step walked in report-only mode,
+    its reports written to a throwaway directory."""
+    was, common.REPORT_ONLY = common.REPORT_ONLY, True
+    collected = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="mgt-status-") as scratch:
+            for i, step in enumerate(steps):
+                common.NOT_FINISHED.clear()
+                common.OPEN_SWEEPS.clear()
+                run_experiment(step["experiment"], step["preset"], [*step["overrides"], *overrides], out=Path(scratch) / str(i), pool=pool)
+                collected.append((f"step {i + 1}/{len(steps)} {step['experiment']} {step['overrides']}", dict(common.NOT_FINISHED), list(common.OPEN_SWEEPS)))
+    finally:
+        common.REPORT_ONLY = was
+    exp = load_experiment(steps[0]["experiment"], steps[0]["preset"], [*steps[0]["overrides"], *overrides], pool=pool)
+    return status.summary(collected, exp.pool, exp.archive, workers)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,10 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="results directory (default: the preset's `out`)")
     parser.add_argument("--pool", default=None, help="directory of training runs (default: the preset's `pool`)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the grid's finished runs (e.g. at a deadline)")
+    parser.add_argument("--status", action="store_true", help="train and write nothing: the runs still to train, which are running, and the time left")
+    parser.add_argument("--workers", type=int, default=1, help="with --status: runners sharing the pool, for the time estimate")
     parser.add_argument("overrides", nargs="*", help="grid.key=value or section.key=value")
     args = parser.parse_intermixed_args(argv)
     common.REPORT_ONLY = args.report_only
     try:
+        if args.status:
+            steps = campaign_steps(args.preset) if args.name == "campaign" else [{"experiment": args.name, "preset": args.preset, "overrides": []}]
+            print(grid_status(steps, args.overrides, pool=args.pool if args.name != "campaign" else None, workers=args.workers))
+            return 0
         if args.name == "campaign":
             run_campaign(args.preset, args.overrides)
         else:

@@ -295,6 +295,8 @@ def train_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 
 REPORT_ONLY = False  # set by `mgt-experiment --report-only`: tabulate finished runs, train nothing
+NOT_FINISHED: dict[str, tuple[str, int, int]] = {}  # report-only: {run: (arm, depth, max_steps)} a grid needs, unfinished (`--status`)
+OPEN_SWEEPS: list[str] = []  # report-only: "arm@depth" of lr sweeps with an unfinished point (their later points are not known yet)
 
 
 def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evolution: bool = False) -> list[RunOutcome]:
@@ -317,6 +319,8 @@ def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evoluti
     kept = []
     for i in range(len(specs)):
         if outcomes[i].status == "missing":
+            o = outcomes[i]
+            NOT_FINISHED[o.name] = (o.tag or o.cfg.model.residual, o.cfg.model.n_layers, o.cfg.train.max_steps)
             tqdm.write(f"[{desc}] {outcomes[i].name}: not finished, left out (report-only)")
         else:
             kept.append(outcomes[i])

@@ -1,0 +1,101 @@
+"""`mgt-experiment ... --status`: what a campaign (or one experiment) still has to train.
+
+The grid is walked in report-only mode (the runners' own logic: sweeps, their edge
+extensions, each arm's seeds at its chosen lr), so the list is exactly what a rerun would
+train next, except that a sweep with an unfinished point hides its later points and seeds
+(named as an open sweep: the count is a lower bound). Runs another runner holds are marked
+running with their last logged step. The time estimate is, per run, the median wall time of
+the finished runs of the same arm and depth (archive and pool), else of that arm at the
+nearest finished depth scaled by depth; total / workers. Wall times were measured with the
+campaign's own concurrency, so they already include its sharing of the cores.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import re
+import statistics
+from pathlib import Path
+
+from megatron_mgt.metrics import read_metrics
+
+NAME = re.compile(r"^(?P<residual>.+?)_L(?P<depth>\d+)_s(?P<seed>\d+)_(?:(?P<tag>.+)_)?(?P<digest>[0-9a-f]{6})$")
+
+
+def arm_depth(name: str) -> tuple[str, int] | None:
+    """(arm, depth) of a run name `residual_L{depth}_s{seed}[_tag]_{digest}` (the tag names special arms)."""
+    m = NAME.match(name)
+    return (m["tag"] or m["residual"], int(m["depth"])) if m else None
+
+
+def finished_walls(dirs: list[Path]) -> dict[tuple[str, int], list[float]]:
+    """{(arm, depth): wall seconds of every finished run} under `dirs` (run_info.json + eval/eval.json)."""
+    walls: dict[tuple[str, int], list[float]] = {}
+    for root in dirs:
+        if not root.is_dir():
+            continue
+        for run in root.iterdir():
+            key, info = arm_depth(run.name), run / "run_info.json"
+            if key and info.is_file() and (run / "eval" / "eval.json").is_file():
+                try:
+                    walls.setdefault(key, []).append(float(json.loads(info.read_text())["wall_seconds"]))
+                except (ValueError, KeyError, TypeError):
+                    continue
+    return walls
+
+
+def estimate_seconds(arm: str, depth: int, walls: dict[tuple[str, int], list[float]]) -> float | None:
+    """Median wall of (arm, depth); else the arm's nearest finished depth scaled by depth; else None."""
+    if walls.get((arm, depth)):
+        return statistics.median(walls[(arm, depth)])
+    known = [d for (a, d) in walls if a == arm and d > 0]
+    if not known or depth == 0:
+        return None
+    nearest = min(known, key=lambda d: abs(d - depth))
+    return statistics.median(walls[(arm, nearest)]) * depth / nearest
+
+
+def running_step(pool: Path, name: str) -> int | None:
+    """The last logged train step of a run another process holds (its pool lock is taken), else None."""
+    lock = pool / f".{name}.lock"
+    if not lock.is_file():
+        return None
+    with open(lock) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            metrics = pool / name / "metrics.jsonl"
+            steps = [r["step"] for r in read_metrics(metrics, "train")] if metrics.is_file() else []
+            return steps[-1] if steps else 0
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return None
+
+
+def summary(steps: list[tuple[str, dict[str, tuple[str, int, int]], list[str]]], pool: Path, archive: Path | None, workers: int) -> str:
+    """The status text. `steps`: (step title, {run: (arm, depth, max_steps)} not finished, open
+    sweeps) in campaign order; a run counts once, at the first step that needs it."""
+    walls = finished_walls([p for p in (archive, pool) if p is not None])
+    seen: set[str] = set()
+    lines, total, unknown, n_todo = [], 0.0, 0, 0
+    for title, todo, open_sweeps in steps:
+        new = {n: ad for n, ad in todo.items() if n not in seen}
+        seen.update(new)
+        running = {n: running_step(pool, n) for n in new}
+        n_running = sum(step is not None for step in running.values())
+        lines.append(f"{title}: {len(new)} runs to train ({n_running} running)" + (f"; sweeps still open: {', '.join(sorted(set(open_sweeps)))}" if open_sweeps else ""))
+        for name, (arm, depth, max_steps) in new.items():
+            est = estimate_seconds(arm, depth, walls)
+            left = max(0.0, 1.0 - running[name] / max_steps) if running[name] is not None and max_steps else 1.0
+            state = f"running, step {running[name]}" if running[name] is not None else "to train"
+            lines.append(f"  {name}: {state}" + (f", ~{est * left / 60:.0f} min" if est is not None else ", no estimate"))
+            if est is None:
+                unknown += 1
+            else:
+                total += est * left
+        n_todo += len(new)
+    bound = " (at least: open sweeps add points and their seeds)" if any(s for _, _, s in steps) else ""
+    lines.append(f"total: {n_todo} runs to train{bound}; about {total / 3600 / max(workers, 1):.1f} h with {workers} worker(s)"
+                 + (f", {unknown} run(s) without an estimate" if unknown else "")
+                 + " (median wall of finished runs per arm and depth)")
+    return "\n".join(lines)
