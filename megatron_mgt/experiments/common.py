@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -147,6 +148,15 @@ def run_name(cfg: Config, tag: str = "") -> str:
     digest = hashlib.sha1(json.dumps(config_key(cfg), sort_keys=True, default=str).encode()).hexdigest()[:6]
     m = cfg.model
     return f"{m.residual}_L{m.n_layers}_s{cfg.train.seed}{'_' + tag if tag else ''}_{digest}"
+
+
+RUN_NAME = re.compile(r"^(?P<residual>.+?)_L(?P<depth>\d+)_s(?P<seed>\d+)_(?:(?P<tag>.+)_)?(?P<digest>[0-9a-f]{6})$")
+
+
+def arm_depth(name: str) -> tuple[str, int] | None:
+    """(arm, depth) of a run_name (the tag names special arms); None for any other name."""
+    m = RUN_NAME.match(name)
+    return (m["tag"] or m["residual"], int(m["depth"])) if m else None
 
 
 @dataclass

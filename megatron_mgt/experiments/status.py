@@ -14,19 +14,11 @@ from __future__ import annotations
 
 import fcntl
 import json
-import re
 import statistics
 from pathlib import Path
 
+from megatron_mgt.experiments.common import arm_depth
 from megatron_mgt.metrics import read_metrics
-
-NAME = re.compile(r"^(?P<residual>.+?)_L(?P<depth>\d+)_s(?P<seed>\d+)_(?:(?P<tag>.+)_)?(?P<digest>[0-9a-f]{6})$")
-
-
-def arm_depth(name: str) -> tuple[str, int] | None:
-    """(arm, depth) of a run name `residual_L{depth}_s{seed}[_tag]_{digest}` (the tag names special arms)."""
-    m = NAME.match(name)
-    return (m["tag"] or m["residual"], int(m["depth"])) if m else None
 
 
 def finished_walls(dirs: list[Path]) -> dict[tuple[str, int], list[float]]:
