@@ -337,3 +337,49 @@ def test_status_lists_what_a_rerun_would_train(micro, tmp_path, monkeypatch):
         held = grid_status(steps, pool=pool, workers=2)
     assert f"{seed2.name}: running, step 6, ~0 min" in held and "total: 1 runs to train;" in held and "with 2 worker(s)" in held
     assert f"{seed2.name}: to train, ~" in grid_status(steps, pool=pool)
+
+
+def test_deadline_gate_starts_only_runs_that_end_in_time(micro, tmp_path, monkeypatch):
+    """--deadline: the estimate (median wall of the arm, scaled by depth, x EVAL_MARGIN) scaled
+    by the steps left decides; past the deadline a runner trains nothing and still reports."""
+    import datetime as dt
+
+    from megatron_mgt.config import Config, ConfigError, derive, load_config
+    from megatron_mgt.experiments import common, status
+    from megatron_mgt.train import train
+
+    archive, pool = tmp_path / "archive", tmp_path / "pool"
+    for name, wall in (("preln_L4_s1_aaaaaa", 500.0), ("preln_L4_s2_bbbbbb", 700.0)):  # median 600 s at 4 layers
+        (archive / name / "eval").mkdir(parents=True)
+        (archive / name / "eval" / "eval.json").write_text("{}")
+        (archive / name / "run_info.json").write_text(json.dumps({"wall_seconds": wall}))
+    monkeypatch.setattr(common, "ARCHIVE", archive)
+    cfg = derive(Config(), {"train.max_steps": 10})
+    need = 1200.0 * status.EVAL_MARGIN  # 8 layers: 600 s x 8 / 4
+    fresh = pool / "preln_L8_s1_cccccc"
+    assert status.deadline_gate(1000 + need, clock=lambda: 1000.0)("preln_L8_s1_cccccc", cfg, fresh)
+    assert not status.deadline_gate(1000 + need - 1, clock=lambda: 1000.0)("preln_L8_s1_cccccc", cfg, fresh)
+    write_preset, _, root = micro
+    half = pool / "preln_L8_s2_dddddd"  # a real run stopped with 3 of its 6 steps checkpointed needs half
+    micro_cfg = load_config(root / "base.yaml", ["train.save_every=3", "train.exit_at_step=3", f"train.run_dir={half}"])
+    assert train(micro_cfg).status.startswith("exited")
+    assert status.deadline_gate(1000 + need / 2, clock=lambda: 1000.0)("preln_L8_s2_dddddd", micro_cfg, half)
+    assert not status.deadline_gate(1000 + need / 2 - 1, clock=lambda: 1000.0)("preln_L8_s2_dddddd", micro_cfg, half)
+    unknown = status.deadline_gate(1000.0, clock=lambda: 999.0)  # no estimate for mgt: starts only before the deadline
+    assert unknown("mgt_L8_s1_eeeeee", cfg, fresh) and not status.deadline_gate(1000.0, clock=lambda: 1000.0)("mgt_L8_s1_eeeeee", cfg, fresh)
+
+    now = dt.datetime(2026, 12, 7, 12, 0)
+    assert status.parse_deadline("+90", now) == now.timestamp() + 5400 == status.parse_deadline("+1.5h", now)
+    assert status.parse_deadline("15:05", now) == dt.datetime(2026, 12, 7, 15, 5).timestamp()
+    assert status.parse_deadline("2026-12-08T01:00", now) == dt.datetime(2026, 12, 8, 1, 0).timestamp()
+    for bad in ("11:00", "soon", "+x"):
+        with pytest.raises(ConfigError, match="--deadline"):
+            status.parse_deadline(bad, now)
+
+    monkeypatch.setattr(common, "ARCHIVE", None)
+    monkeypatch.setattr(common, "REPORT_ONLY", False)
+    preset = write_preset("depth_scaling", {"variants": ["preln"], "depths": [1], "seeds": [1], "tuning": TUNING})
+    out = tmp_path / "out"
+    assert experiment_main(["depth_scaling", "--preset", str(preset), "--pool", str(pool), "--out", str(out), "--deadline", "+0"]) == 0
+    assert not list(pool.glob("*_L1_*/metrics.jsonl")) and (out / "results.json").is_file() and common.START_GATE is None
+    assert experiment_main(["depth_scaling", "--preset", str(preset), "--deadline", "soon"]) == 2

@@ -1,7 +1,7 @@
 """One entry point for the evaluation protocol's runners.
 
     mgt-experiment NAME --preset configs/experiments/X.yaml [--out DIR] [--pool DIR] [--report-only] [key=value ...]
-    mgt-experiment campaign --preset configs/experiments/campaign_cpu.yaml [--report-only | --status [--workers N]]
+    mgt-experiment campaign --preset configs/experiments/campaign_cpu.yaml [--report-only | --status [--workers N] | --deadline +150]
 
 NAME: rank_evolution | ablation | beta_distribution | depth_scaling | copy_task | edge_of_chaos;
 `campaign` runs the steps its preset lists (experiment, preset, overrides), in order, each
@@ -12,7 +12,9 @@ runs live in the pool (--pool, default from the preset) and are shared between
 experiments; finished runs are skipped, interrupted ones resume. Writes results.json,
 results.md and PNGs into --out. `--status` trains and writes nothing: it lists the runs the
 grid (or every campaign step) still needs, which are running, and an estimate of the time
-left (experiments/status.py).
+left (experiments/status.py). `--deadline` (+MINUTES, +HOURSh, HH:MM, or an ISO date-time)
+sizes a chunk to a session: a run starts only if its estimate (the same one) ends by then;
+the rest is left for the next chunk and the reports are written as with --report-only.
 """
 
 from __future__ import annotations
@@ -94,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="train nothing: tabulate the grid's finished runs (e.g. at a deadline)")
     parser.add_argument("--status", action="store_true", help="train and write nothing: the runs still to train, which are running, and the time left")
     parser.add_argument("--workers", type=int, default=1, help="with --status: runners sharing the pool, for the time estimate")
+    parser.add_argument("--deadline", default=None, help="start no run whose estimated end passes this time: +MINUTES, +HOURSh, HH:MM or YYYY-MM-DDTHH:MM")
     parser.add_argument("overrides", nargs="*", help="grid.key=value or section.key=value")
     args = parser.parse_intermixed_args(argv)
     common.REPORT_ONLY = args.report_only
     try:
+        common.START_GATE = status.deadline_gate(status.parse_deadline(args.deadline)) if args.deadline is not None else None
         if args.status:
             steps = campaign_steps(args.preset) if args.name == "campaign" else [{"experiment": args.name, "preset": args.preset, "overrides": []}]
             print(grid_status(steps, args.overrides, pool=args.pool if args.name != "campaign" else None, workers=args.workers))
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"mgt-experiment: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        common.START_GATE = None
     print(f"mgt-experiment: wrote {args.out or 'the preset out dir'}")
     return 0
 

@@ -223,7 +223,8 @@ def ensure_run(
 ) -> RunOutcome | None:
     """Train (or resume) and evaluate one run in the pool unless it is finished; with
     `evolution`, also the geometry of every kept checkpoint (eval/evolution.json). With
-    `report_only`, an unfinished run is not trained and comes back with status 'missing'.
+    `report_only`, or where START_GATE refuses it (`--deadline`), an unfinished run is not
+    trained and comes back with status 'missing'.
     A run another process holds is waited for, or with `wait=False` left (None returned)."""
     name = run_name(cfg, tag)
     run_dir = pool / name
@@ -231,7 +232,7 @@ def ensure_run(
     archived = _archived(name)
     if archived is not None and not _is_finished(run_dir, cfg) and not evolution:
         return _outcome(name, archived, cfg, trained_now=False, tag=tag)
-    if report_only and not _is_finished(run_dir, cfg):
+    if (report_only or (START_GATE is not None and not START_GATE(name, cfg, run_dir))) and not _is_finished(run_dir, cfg):
         return RunOutcome(name=name, run_dir=run_dir, cfg=cfg, status="missing", trained_now=False, eval=None, info={}, tag=tag)
     run_dir.mkdir(parents=True, exist_ok=True)
     trained_now = False
@@ -305,6 +306,9 @@ def train_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 
 REPORT_ONLY = False  # set by `mgt-experiment --report-only`: tabulate finished runs, train nothing
+# set by `mgt-experiment --deadline` (status.deadline_gate): may_start(name, cfg, run_dir) -> False leaves an
+# unfinished run untrained, as report-only would
+START_GATE: Callable[[str, Config, Path], bool] | None = None
 NOT_FINISHED: dict[str, tuple[str, int, int]] = {}  # report-only: {run: (arm, depth, max_steps)} a grid needs, unfinished (`--status`)
 OPEN_SWEEPS: list[str] = []  # report-only: "arm@depth" of lr sweeps with an unfinished point (their later points are not known yet)
 
@@ -331,7 +335,7 @@ def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evoluti
         if outcomes[i].status == "missing":
             o = outcomes[i]
             NOT_FINISHED[o.name] = (o.tag or o.cfg.model.residual, o.cfg.model.n_layers, o.cfg.train.max_steps)
-            tqdm.write(f"[{desc}] {outcomes[i].name}: not finished, left out (report-only)")
+            tqdm.write(f"[{desc}] {outcomes[i].name}: not finished, left out (report-only or past --deadline)")
         else:
             kept.append(outcomes[i])
     return kept

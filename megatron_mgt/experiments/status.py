@@ -8,15 +8,27 @@ running with their last logged step. The time estimate is, per run, the median w
 the finished runs of the same arm and depth (archive and pool), else of that arm at the
 nearest finished depth scaled by depth; total / workers. Wall times were measured with the
 campaign's own concurrency, so they already include its sharing of the cores.
+
+`--deadline` uses the same estimate to size a chunk to a session: a runner starts (or
+resumes) a run only if its estimate, scaled by the steps it has left and by EVAL_MARGIN for
+the held-out evaluation, ends by the deadline; runs that would not are left for the next
+chunk, and the reports are written as `--report-only` writes them.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import fcntl
 import json
+import re
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+from megatron_mgt.checkpoint import find_checkpoint
+from megatron_mgt.config import Config, ConfigError
+from megatron_mgt.experiments import common
 from megatron_mgt.experiments.common import arm_depth
 from megatron_mgt.metrics import read_metrics
 
@@ -91,3 +103,42 @@ def summary(steps: list[tuple[str, dict[str, tuple[str, int, int]], list[str]]],
                  + (f", {unknown} run(s) without an estimate" if unknown else "")
                  + " (median wall of finished runs per arm and depth)")
     return "\n".join(lines)
+
+
+EVAL_MARGIN = 1.1  # archived walls time training only; the evaluation after it adds a few percent (~1 min of ~14 at 96 layers)
+
+
+def parse_deadline(text: str, now: dt.datetime | None = None) -> float:
+    """`--deadline` as epoch seconds: '+90' or '+90m' (minutes from now), '+2h', 'HH:MM' (today,
+    local time) or an ISO date-time ('2026-12-07T15:05')."""
+    now = now or dt.datetime.now()
+    rel = re.fullmatch(r"\+(\d+(?:\.\d+)?)([mh]?)", text.strip())
+    if rel:
+        return now.timestamp() + float(rel[1]) * (3600 if rel[2] == "h" else 60)
+    try:
+        if re.fullmatch(r"\d{1,2}:\d{2}", text.strip()):
+            at = dt.datetime.combine(now.date(), dt.time.fromisoformat(text.strip().zfill(5)))
+            if at < now:
+                raise ConfigError(f"--deadline {text}: that time has passed today; give a date (YYYY-MM-DDTHH:MM) or +minutes")
+            return at.timestamp()
+        return dt.datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise ConfigError(f"--deadline {text!r}: expected +MINUTES, +HOURSh, HH:MM or YYYY-MM-DDTHH:MM") from None
+
+
+def deadline_gate(deadline: float, clock: Callable[[], float] = time.time) -> Callable[[str, Config, Path], bool]:
+    """may_start(name, cfg, run_dir) for common.START_GATE: does the run end by `deadline`?
+    now + estimate x (1 - steps done / max_steps) x EVAL_MARGIN <= deadline, the estimate from
+    the finished runs of the archive and of the run's pool at the time of asking (so each run
+    that finishes refines it); a run without an estimate starts only before the deadline."""
+
+    def may_start(name: str, cfg: Config, run_dir: Path) -> bool:
+        key = arm_depth(name)
+        est = estimate_seconds(*key, finished_walls([d for d in (common.ARCHIVE, run_dir.parent) if d is not None])) if key else None
+        if est is None:
+            return clock() < deadline
+        ckpt = find_checkpoint(run_dir / "checkpoints", "auto")
+        done = int(ckpt.name.split("_")[1]) / cfg.train.max_steps if ckpt is not None and cfg.train.max_steps else 0.0
+        return clock() + est * max(0.0, 1.0 - done) * EVAL_MARGIN <= deadline
+
+    return may_start
