@@ -69,6 +69,7 @@ def test_depth_scaling_tuned_arms_paired_stats_and_resume(micro):
     results = run_experiment("depth_scaling", preset)
     out = root / "out" / "depth_scaling"
     _check_outputs(out, ("table", "runs", "lr_sweeps", "baselines", "decision_rule"))
+    assert (out / "diff_vs_depth.png").stat().st_size > 0 and "diff_vs_depth.png" in (out / "results.md").read_text()
     assert {(r["arm"], r["depth"]) for r in results["table"]} == {(a, d) for a in ("preln", "mgt", "embed_only") for d in (1, 2)}
     for depth in ("1", "2"):
         for arm, sweep in results["lr_sweeps"][depth].items():

@@ -38,7 +38,7 @@ def run(exp: Experiment) -> dict:
         sweeps[depth], mine = tuned_runs(exp, arms, depth, seeds, tuning, f"depth_scaling L{depth}")
         runs += mine
         table += compare_arms(mine, arms, depth, baseline_arm, baselines, rule, level, sweeps[depth])
-    write_plots(exp, arms, depths, table, sweeps, runs, baselines)
+    write_plots(exp, arms, depths, table, sweeps, runs, baselines, baseline_arm)
     results = {"decision_rule": {"rule": rule, "rule_text": decide({"ci": [0, 0]}, rule)["rule_text"], "level": level, "baseline": baseline_arm},
                "baselines": baselines, "tuning": tuning, "lr_sweeps": {str(d): s for d, s in sweeps.items()}, "table": table, "runs": runs}
     write_results(exp, results, report_markdown(exp, seeds, baseline_arm, baselines, table))
@@ -66,17 +66,26 @@ def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, 
         rank_rows.append(cells)
     md += markdown_table(["arm", "layers", "erank_tol", "erank_tol of LN(X)", "stable rank", "token cosine", f"erank_tol - {baseline_arm} (CI)",
                           f"LN erank_tol - {baseline_arm} (CI)"], rank_rows)
-    md += "\n![loss](loss_vs_depth.png)\n![lr sweeps](lr_sweeps.png)\n![loss vs tokens](loss_vs_tokens.png)\n![loss vs flops](loss_vs_flops.png)\n![loss vs time](loss_vs_seconds.png)\n"
+    md += "\n![loss](loss_vs_depth.png)\n![difference](diff_vs_depth.png)\n![lr sweeps](lr_sweeps.png)\n![loss vs tokens](loss_vs_tokens.png)\n![loss vs flops](loss_vs_flops.png)\n![loss vs time](loss_vs_seconds.png)\n"
     md += "".join(f"![rank L{d}](erank_tol_by_layer_L{d}.png)\n![LN rank L{d}](ln_erank_tol_by_layer_L{d}.png)\n" for d in sorted({r["depth"] for r in table}))
     return md
 
 
-def write_plots(exp, arms, depths, table, sweeps, runs, baselines) -> None:
+def _half_width(ci) -> float:
+    return (ci[1] - ci[0]) / 2
+
+
+def write_plots(exp, arms, depths, table, sweeps, runs, baselines, baseline_arm: str) -> None:
     out = exp.out
     out.mkdir(parents=True, exist_ok=True)
-    series = {a: [(r["depth"], r["valid_loss"], (r["valid_loss_ci"][1] - r["valid_loss_ci"][0]) / 2) for r in table if r["arm"] == a] for a in arms}
+    series = {a: [(r["depth"], r["valid_loss"], _half_width(r["valid_loss_ci"])) for r in table if r["arm"] == a] for a in arms}
     series["bigram (KN)"] = [(d, baselines["bigram_kn"], 0.0) for d in depths]
     plots.plot_series_vs_x(series, out / "loss_vs_depth.png", "held-out loss vs depth (tuned lr, 95% seed CI)", "layers", "valid loss (nats/token)", logx=True)
+    # prediction 2 across depth: the seed-paired difference against the baseline (2+ seeds), 0 = no difference
+    diffs = {a: [(r["depth"], r["diff_vs_baseline"]["mean"], _half_width(r["diff_vs_baseline"]["ci"])) for r in table
+                 if r["arm"] == a and r.get("diff_vs_baseline") and r["diff_vs_baseline"]["n"] >= 2] for a in arms if a != baseline_arm}
+    diffs[f"{baseline_arm} (0)"] = [(d, 0.0, 0.0) for d in depths]
+    plots.plot_series_vs_x(diffs, out / "diff_vs_depth.png", f"valid loss - {baseline_arm}, seed-paired (95% t CI)", "layers", f"loss - {baseline_arm} (nats/token)", logx=True)
     curves = {f"{a} L{d}": {lr: loss for lr, loss in sweeps[d][a]["results"]} for d in depths for a in arms}
     plots.plot_lr_sweep(curves, {f"{a} L{d}": sweeps[d][a]["lr"] for d in depths for a in arms if sweeps[d][a]["lr"]}, out / "lr_sweeps.png", "lr sweeps")
     first = [r for r in runs if r["seed"] == runs[0]["seed"]] if runs else []
