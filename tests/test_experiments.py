@@ -142,11 +142,33 @@ def test_ablation_interaction(micro):
     assert inter["n"] == 2 and inter["decision"] in ("win", "loss", "undetermined")
 
 
-def test_rank_evolution_and_beta(micro):
-    write_preset, _, root = micro
-    results = run_experiment("rank_evolution", write_preset("rank_evolution", {"variants": ["preln", "mgt"], "depths": [2], "seeds": [1]}))
-    _check_outputs(root / "out" / "rank_evolution", ("table", "runs", "centered"))
-    assert [p["step"] for p in results["runs"][0]["evolution"]] == [0, 3, 6]
+def test_rank_evolution_and_beta(micro, tmp_path):
+    """rank_evolution at each arm's tuned lr: the rank profile at init and every checkpoint, the
+    final loss equal to the twin run's (checkpoints change nothing), archived with the run."""
+    import shutil
+
+    write_preset, pool, root = micro
+    archive = tmp_path / "archive"
+    grid = {"variants": ["preln", "mgt"], "depths": [2], "seeds": [1], "tuning": TUNING, "checkpoint_every": 2}
+    preset = write_preset("rank_evolution", grid, {"eval.rank_windows": 4}, archive=str(archive))
+    results = run_experiment("rank_evolution", preset)
+    _check_outputs(root / "out" / "rank_evolution", ("table", "runs", "centered", "lr_sweeps", "checkpoint_every"))
+    assert {r["arm"] for r in results["runs"]} == {"preln", "mgt"}
+    for r in results["runs"]:
+        assert r["lr"] == results["lr_sweeps"]["2"][r["arm"]]["lr"]  # the tuned lr
+        assert [p["step"] for p in r["evolution"]] == [0, 2, 4, 6]
+        assert all(len(p["erank_tol"]) == len(p["ln_erank_tol"]) == len(p["collapsed"]) == 3 for p in r["evolution"])
+        assert all(0.0 < v <= 1.0 for p in r["evolution"] for v in p["erank_tol"])
+        assert r["valid_loss"] == r["twin_valid_loss"]  # the twin is the sweep's own run at that lr, trained without the extra checkpoints
+    row = next(r for r in results["table"] if r["arm"] == "mgt")
+    assert row["erank_tol_last_final"]["mean"] == results["runs"][[r["arm"] for r in results["runs"]].index("mgt")]["evolution"][-1]["erank_tol"][-1]
+    assert (root / "out" / "rank_evolution" / "heatmap_mgt_L2.png").is_file()
+    # A new machine: the evolution runs' records (evolution.json included) come from the archive, nothing retrains.
+    for r in results["runs"]:
+        assert (archive / r["run"] / "eval" / "evolution.json").is_file()
+        shutil.rmtree(pool / r["run"])
+    again = run_experiment("rank_evolution", preset)
+    assert not any((pool / r["run"]).exists() for r in results["runs"]) and json.dumps(again["table"]) == json.dumps(results["table"])
     # beta_distribution reuses the mgt run and its evolution, through the CLI.
     # beta_distribution on the tuned runs (the sweep's), through the CLI, with the evolution of the first seed.
     preset = write_preset("beta_distribution", {"variants": ["mgt"], "depths": [2], "seeds": [1, 2], "tuning": TUNING, "evolution": True})

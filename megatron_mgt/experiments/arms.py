@@ -157,23 +157,30 @@ def arms_for(requested) -> list[str]:
     return [arm for a in requested for arm in ([a] if a in SPECIAL_ARMS else variants_for([a]))]
 
 
+def tuned_sweeps(exp: Experiment, arms: list[str], depth: int, seed: int, tuning: Mapping, desc: str) -> dict:
+    """{arm: tuned_arm record}: the lr sweep of every arm at `seed` (at the sweep depth of
+    `depth`), every arm's initial grid first so that runners sharing the pool split it."""
+    first = derive(exp.base, {"model.n_layers": depth, "train.seed": seed})
+    if not common.REPORT_ONLY:
+        grid = lr_sweep.initial_grid(float(tuning["center"]), int(tuning["points"]), float(tuning["factor"]))
+        at_depth = derive(first, {"model.n_layers": int(tuning["bands"].get(depth, depth))})
+        run_grid([(arm_config(derive(at_depth, {"train.lr": lr}), arm), arm if arm in SPECIAL_ARMS else "") for arm in arms for lr in grid], exp.pool, f"{desc} lr sweeps")
+    return _extend_sweeps(first, arms, depth, exp.pool, tuning)
+
+
+def tuned_specs(base: Config, sweeps: Mapping, arms: list[str], depth: int, seeds: list[int], changes: Mapping | None = None) -> list[tuple[Config, str]]:
+    """(config, tag) of every seed of every arm at its chosen lr (`changes` on top); arms
+    whose sweep chose nothing (every point diverged, or open in report-only mode) have none."""
+    return [(arm_config(derive(base, {"model.n_layers": depth, "train.seed": seed, "train.lr": sweeps[arm]["lr"], **(changes or {})}), arm),
+             arm if arm in SPECIAL_ARMS else "") for arm in arms if sweeps[arm]["lr"] is not None for seed in seeds]
+
+
 def tuned_runs(exp: Experiment, arms: list[str], depth: int, seeds: list[int], tuning: Mapping, desc: str) -> tuple[dict, list[dict]]:
     """The lr sweep of every arm at the first seed, then every seed at each arm's chosen lr
     (the first seed's run is the sweep's own). Returns ({arm: sweep record}, run summaries
     with 'arm' and 'depth'); an arm whose every sweep point diverged has no runs."""
-    first = derive(exp.base, {"model.n_layers": depth, "train.seed": seeds[0]})
-    if not common.REPORT_ONLY:  # every arm's initial grid through run_grid first, so runners sharing the pool split it
-        grid = lr_sweep.initial_grid(float(tuning["center"]), int(tuning["points"]), float(tuning["factor"]))
-        at_depth = derive(first, {"model.n_layers": int(tuning["bands"].get(depth, depth))})
-        run_grid([(arm_config(derive(at_depth, {"train.lr": lr}), arm), arm if arm in SPECIAL_ARMS else "") for arm in arms for lr in grid], exp.pool, f"{desc} lr sweeps")
-    sweeps = _extend_sweeps(first, arms, depth, exp.pool, tuning)
-    specs = []
-    for arm in arms:
-        if sweeps[arm]["lr"] is None:
-            continue
-        for seed in seeds:
-            cfg = derive(exp.base, {"model.n_layers": depth, "train.seed": seed, "train.lr": sweeps[arm]["lr"]})
-            specs.append((arm_config(cfg, arm), arm if arm in SPECIAL_ARMS else ""))
+    sweeps = tuned_sweeps(exp, arms, depth, seeds[0], tuning, desc)
+    specs = tuned_specs(exp.base, sweeps, arms, depth, seeds)
     runs = [{**run_summary(o), "arm": o.tag or o.cfg.model.residual, "depth": depth} for o in run_grid(specs, exp.pool, desc)]
     return sweeps, runs
 

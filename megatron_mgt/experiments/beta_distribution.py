@@ -20,8 +20,7 @@ import json
 import math
 
 from megatron_mgt import plots
-from megatron_mgt.config import derive
-from megatron_mgt.experiments.arms import arm_config, tuned_runs, tuning_settings
+from megatron_mgt.experiments.arms import tuned_runs, tuned_specs, tuning_settings
 from megatron_mgt.experiments.common import Experiment, run_grid, variants_for
 from megatron_mgt.experiments.report import fmt_estimate, fmt_lr, markdown_table, sizes_line, write_results
 from megatron_mgt.stats import decide, spearman, t_interval
@@ -117,8 +116,7 @@ def run(exp: Experiment) -> dict:
 def plot_evolution(exp: Experiment, arms, depths, seed: int, sweeps) -> dict:
     """Heatmaps of the fraction of negative and the mean beta [layer, step] from the kept
     checkpoints of the first seed's tuned run (eval/evolution.json); returns {run: per-step stats}."""
-    specs = [(arm_config(derive(exp.base, {"model.n_layers": d, "train.seed": seed, "train.lr": sweeps[d][a]["lr"]}), a), "")
-             for d in depths for a in arms if sweeps[d][a]["lr"]]
+    specs = [spec for d in depths for spec in tuned_specs(exp.base, sweeps[d], arms, d, [seed])]
     evolution = {}
     for o in run_grid(specs, exp.pool, "beta_distribution evolution", evolution=True):
         d = o.cfg.model.n_layers

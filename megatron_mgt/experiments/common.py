@@ -38,13 +38,13 @@ from tqdm import tqdm
 from megatron_mgt.checkpoint import complete_checkpoints, find_checkpoint
 from megatron_mgt.config import Config, ConfigError, derive, merge, override_text, parse_override, read_yaml, to_dict, validate
 from megatron_mgt.data.indexed import IndexedDataset
-from megatron_mgt.data.loader import eval_batches
+from megatron_mgt.data.loader import eval_batches, spread_windows
 from megatron_mgt.engine.dist import resolve_device
 from megatron_mgt.evaluate import evaluate, load_model
 from megatron_mgt.flops import flops_per_token, matmul_params
-from megatron_mgt.geometry import geometry_snapshot
+from megatron_mgt.geometry import geometry_snapshot, rank_profile
 from megatron_mgt.metrics import read_metrics
-from megatron_mgt.model import Transformer, lm_loss
+from megatron_mgt.model import Transformer, capture_geometry, lm_loss
 from megatron_mgt.model.residual import RESIDUAL_RULES
 from megatron_mgt.train import TrainingDiverged, heldout_loss, train
 
@@ -183,7 +183,7 @@ class RunOutcome:
 
 
 ARCHIVE: Path | None = None  # set from the preset's `archive:` (cli): finished runs' records, committed with the results
-ARCHIVED = ("config.yaml", "run_info.json", "diverged.json", "eval/eval.json", "metrics.jsonl")
+ARCHIVED = ("config.yaml", "run_info.json", "diverged.json", "eval/eval.json", "eval/evolution.json", "metrics.jsonl")
 
 
 def archive_run(run_dir: Path, archive: Path) -> None:
@@ -230,7 +230,7 @@ def ensure_run(
     run_dir = pool / name
     cfg = derive(cfg, {"train.run_dir": str(run_dir), "train.resume": "auto", "log.progress": progress})
     archived = _archived(name)
-    if archived is not None and not _is_finished(run_dir, cfg) and not evolution:
+    if archived is not None and not _is_finished(run_dir, cfg) and (not evolution or (archived / "eval" / "evolution.json").is_file()):
         return _outcome(name, archived, cfg, trained_now=False, tag=tag)
     if (report_only or (START_GATE is not None and not START_GATE(name, cfg, run_dir))) and not _is_finished(run_dir, cfg):
         return RunOutcome(name=name, run_dir=run_dir, cfg=cfg, status="missing", trained_now=False, eval=None, info={}, tag=tag)
@@ -262,6 +262,8 @@ def ensure_run(
                 archive_run(run_dir, ARCHIVE)
         if evolution and not (run_dir / "eval" / "evolution.json").is_file():
             write_json(run_dir / "eval" / "evolution.json", checkpoint_evolution(cfg, run_dir))
+            if ARCHIVE is not None:
+                archive_run(run_dir, ARCHIVE)
     return _outcome(name, run_dir, cfg, trained_now, tag)
 
 
@@ -282,16 +284,22 @@ def _outcome(name: str, run_dir: Path, cfg: Config, trained_now: bool, tag: str)
 @torch.no_grad()
 def checkpoint_evolution(cfg: Config, run_dir: Path) -> dict:
     """Geometry (per-layer erank, token cosine, per-sublayer beta stats) and held-out loss
-    (train.eval_batches batches) at init and at every kept checkpoint."""
+    (train.eval_batches batches) at init and at every kept checkpoint; with eval.rank_windows,
+    also the collapse-robust rank profile (geometry.rank_profile) on that many windows spread
+    over the valid split, the same probe as the final evaluation's."""
     device = resolve_device(cfg.train.device)
     probe, _ = next(iter(eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.geometry_batch, 1)))
     probe = probe.to(device)
+    rank_probe = spread_windows(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.rank_windows)[0].to(device) if cfg.eval.rank_windows else None
 
     def record(model, step: int) -> dict:
         loss = heldout_loss(
             lambda x, y: lm_loss(model(x.to(device)), y.to(device)).item(), cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches
         )
-        return {"step": step, "valid_loss": loss["loss"], **geometry_snapshot(model, probe, cfg.eval.center, cfg.eval.spectrum)}
+        point = {"step": step, "valid_loss": loss["loss"], **geometry_snapshot(model, probe, cfg.eval.center, cfg.eval.spectrum)}
+        if rank_probe is not None:
+            point["rank_profile"] = rank_profile(capture_geometry(model, rank_probe)["hidden"], cfg.eval.center)
+        return point
 
     torch.manual_seed(cfg.train.seed)
     points = [record(Transformer(cfg.model).to(device).eval(), 0)]

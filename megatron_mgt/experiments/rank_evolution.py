@@ -1,75 +1,145 @@
-"""Protocol item 1: effective rank against depth, at init and during/after training, per variant.
+"""Protocol item 1: the rank of the residual stream per layer, at init and over training,
+each arm at its own tuned learning rate (the lr sweeps of experiments/arms.py, shared with
+depth_scaling).
 
     mgt-experiment rank_evolution --preset configs/experiments/rank_evolution_cpu.yaml
 
-grid: variants, depths, seeds. Every run keeps a checkpoint every train.save_every steps;
-the geometry of each (and of the same-seed model at init) is measured on the fixed probe
-batch (eval/evolution.json). erank is normalised by min(T, d); centred iff eval.center.
+grid: variants (arms), depths, seeds (default the base seed), tuning (as depth_scaling),
+checkpoint_every (steps between kept checkpoints; default max_steps / 10). Each arm's tuned
+run is trained again with a checkpoint every `checkpoint_every` steps, a run of its own in
+the pool (the checkpoint cadence is part of its name); checkpoints change nothing it computes,
+so its final held-out loss is reported beside its twin's in the comparison as a check. At init
+and at every checkpoint the collapse-robust rank profile (geometry.rank_profile on
+eval.rank_windows windows spread over the valid split: erank_tol of X and of LN(X), stable
+rank, token cosine, the collapsed flag) is measured (eval/evolution.json, archived with the
+run). Outputs: the last layer's erank_tol of X and of LN(X) against step per arm with the
+Gaussian reference, erank_tol[layer, step] heat maps, and a table over seeds (t intervals).
 """
 
 from __future__ import annotations
 
+import json
+import math
+
 from megatron_mgt import plots
-from megatron_mgt.config import derive
-from megatron_mgt.experiments.common import Experiment, run_grid, run_summary, variants_for
-from megatron_mgt.experiments.report import markdown_table, sizes_line, write_results
-from megatron_mgt.stats import mean_std
+from megatron_mgt.experiments import common
+from megatron_mgt.experiments.arms import arms_for, tuned_specs, tuned_sweeps, tuning_settings
+from megatron_mgt.experiments.common import Experiment, run_grid, run_summary
+from megatron_mgt.experiments.report import fmt_estimate, fmt_lr, markdown_table, sizes_line, write_results
+from megatron_mgt.stats import t_interval
+
+METRICS = ("erank_tol", "ln_erank_tol")
 
 
-def _read_evolution(run_dir) -> dict:
-    import json
-
-    return json.loads((run_dir / "eval" / "evolution.json").read_text())
+def evolution_points(run_dir) -> list[dict]:
+    """Per kept checkpoint (and init, step 0): step, held-out loss and the rank profile's
+    per-layer means and collapsed flags (eval/evolution.json)."""
+    points = json.loads((run_dir / "eval" / "evolution.json").read_text())["points"]
+    if any("rank_profile" not in p for p in points):
+        raise ValueError(f"{run_dir}/eval/evolution.json has no rank_profile (eval.rank_windows = 0?): rank_evolution needs it")
+    return [{"step": p["step"], "valid_loss": p["valid_loss"], "collapsed": p["rank_profile"]["collapsed"],
+             **{k: v["mean"] for k, v in p["rank_profile"]["metrics"].items()}} for p in points]
 
 
 def run(exp: Experiment) -> dict:
     g = exp.grid
-    variants = variants_for(g.get("variants", ["preln", "postln", "deepnorm", "mhc", "ddl", "mgt"]))
+    arms = arms_for(g.get("variants", ["preln", "postln", "deepnorm", "mhc", "ddl", "mgt"]))
     depths = [int(d) for d in g.get("depths", [exp.base.model.n_layers])]
     seeds = [int(s) for s in g.get("seeds", [exp.base.train.seed])]
-    specs = [(derive(exp.base, {"model.residual": v, "model.n_layers": d, "train.seed": s}), "") for d in depths for v in variants for s in seeds]
-    outcomes = run_grid(specs, exp.pool, "rank_evolution", evolution=True)
-    centred = "centred" if exp.base.eval.center else "uncentred"
-    runs, table = [], []
-    for o in outcomes:
-        evo = _read_evolution(o.run_dir)
-        summary = run_summary(o)
-        summary["evolution"] = [{"step": p["step"], "valid_loss": p["valid_loss"], "erank": p["erank"], "token_cosine": p["token_cosine"],
-                                 "relative_residual": p["relative_residual"]} for p in evo["points"]]
-        runs.append(summary)
-    out = exp.out
-    out.mkdir(parents=True, exist_ok=True)
-    for d in depths:
-        for s in seeds[:1]:
-            mine = [r for r in runs if r["n_layers"] == d and r["seed"] == s]
-            plots.plot_erank_vs_depth({r["residual"]: r["evolution"][0]["erank"] for r in mine}, out / f"erank_init_L{d}.png", f"effective rank by layer at init ({centred}), {d} layers")
-            plots.plot_erank_vs_depth({r["residual"]: r["evolution"][-1]["erank"] for r in mine}, out / f"erank_trained_L{d}.png",
-                                      f"effective rank by layer after training ({centred}), {d} layers")
-            plots.plot_series_vs_x({r["residual"]: [(p["step"], p["erank"][-1], 0.0) for p in r["evolution"]] for r in mine}, out / f"erank_last_vs_step_L{d}.png",
-                                   f"last-layer effective rank during training ({centred}), {d} layers", "step", "erank / min(T, d)")
-            for r in mine:
-                steps = [p["step"] for p in r["evolution"]]
-                matrix = [[p["erank"][layer] for p in r["evolution"]] for layer in range(d + 1)]
-                plots.plot_heatmap(matrix, steps, out / f"heatmap_{r['residual']}_L{d}.png", f"erank[layer, step], {r['residual']} {d} layers", "erank / min(T, d)")
-    for v in variants:
-        for d in depths:
-            mine = [r for r in runs if r["residual"] == v and r["n_layers"] == d]
-            init, _, _ = mean_std([r["evolution"][0]["erank"][-1] for r in mine])
-            final, final_sd, _ = mean_std([r["evolution"][-1]["erank"][-1] if r["status"] == "finished" else float("nan") for r in mine])
-            lowest, _, _ = mean_std([min(r["evolution"][-1]["erank"]) for r in mine])
-            cos, _, _ = mean_std([r["evolution"][-1]["token_cosine"][-1] for r in mine])
-            rel, _, _ = mean_std([r["evolution"][-1]["relative_residual"][-1] for r in mine])
-            loss, _, _ = mean_std([r["valid_loss"] for r in mine])
-            row = {"variant": v, "depth": d, "erank_last_init": init, "erank_last_trained": final, "erank_last_trained_std": final_sd,
-                   "erank_min_trained": lowest, "token_cosine_last_trained": cos, "relative_residual_last_trained": rel, "valid_loss": loss,
-                   "erank_last_by_step": {step: mean_std([p["erank"][-1] for r in mine for p in r["evolution"] if p["step"] == step])[0]
-                                          for step in sorted({p["step"] for r in mine for p in r["evolution"]})}}
-            table.append(row)
-    md = f"# rank_evolution\n\n{sizes_line(exp)}; depths {depths}; seeds {seeds}. Effective rank is {centred} (X - 1 xbar^T), normalised by min(T, d) = {min(exp.base.data.seq_len, exp.base.model.d_model)}.\n\n"
-    steps = sorted({int(k) for row in table for k in row["erank_last_by_step"]})
-    md += markdown_table(["variant", "layers", "valid loss", *[f"erank last @ {s}" for s in steps], "min over layers (trained)", "token cos last (trained)", "rel. residual last (trained)"],
-                         [[r["variant"], r["depth"], r["valid_loss"], *[r["erank_last_by_step"].get(s, float("nan")) for s in steps], r["erank_min_trained"], r["token_cosine_last_trained"], r["relative_residual_last_trained"]] for r in table])
-    md += "".join(f"\n![init](erank_init_L{d}.png)\n![trained](erank_trained_L{d}.png)\n![last vs step](erank_last_vs_step_L{d}.png)\n" for d in depths)
-    results = {"centered": exp.base.eval.center, "table": table, "runs": runs}
+    tuning = tuning_settings(g)
+    level = float(exp.decision.get("level", 0.95))
+    steps = exp.base.train.max_steps
+    every = int(g.get("checkpoint_every", max(1, steps // 10)))
+    if not 0 < every <= steps:
+        raise ValueError(f"grid.checkpoint_every must be in 1..train.max_steps ({steps}), got {every}")
+    if exp.base.eval.rank_windows < 2:
+        raise ValueError(f"rank_evolution needs eval.rank_windows >= 2 (the rank profile's windows), got {exp.base.eval.rank_windows}")
+    cadence = {"train.save_every": every, "train.keep_checkpoints": steps // every + 1}
+    runs, table, sweeps = [], [], {}
+    for depth in depths:
+        sweeps[depth] = tuned_sweeps(exp, arms, depth, seeds[0], tuning, f"rank_evolution L{depth}")
+        twins = {(o.tag or o.cfg.model.residual, o.cfg.train.seed): o for o in
+                 (common.ensure_run(cfg, exp.pool, tag, report_only=True) for cfg, tag in tuned_specs(exp.base, sweeps[depth], arms, depth, seeds))}
+        for o in run_grid(tuned_specs(exp.base, sweeps[depth], arms, depth, seeds, cadence), exp.pool, f"rank_evolution L{depth}", evolution=True):
+            arm = o.tag or o.cfg.model.residual
+            twin = twins.get((arm, o.cfg.train.seed))
+            runs.append({**run_summary(o), "arm": arm, "depth": depth, "evolution": evolution_points(o.run_dir),
+                         "twin_valid_loss": run_summary(twin)["valid_loss"] if twin is not None and twin.status == "finished" else math.nan})
+        for arm in arms:
+            mine = [r for r in runs if r["arm"] == arm and r["depth"] == depth]
+            if mine:
+                table.append(summary_row(arm, depth, sweeps[depth][arm]["lr"], mine, level))
+    reference = next((r["gaussian_reference"] for r in runs if r.get("gaussian_reference")), None)  # from the runs' final evaluation
+    write_plots(exp, depths, seeds[0], runs, reference)
+    md = report_markdown(exp, depths, seeds, every, table, reference)
+    results = {"centered": exp.base.eval.center, "checkpoint_every": every, "gaussian_reference": reference, "table": table,
+               "lr_sweeps": {str(d): s for d, s in sweeps.items()}, "runs": runs}
     write_results(exp, results, md)
     return results
+
+
+def summary_row(arm: str, depth: int, lr: float, mine: list[dict], level: float) -> dict:
+    """Over seeds (t intervals): the last layer's ranks at init, halfway and at the end, the
+    lowest layer's erank_tol at the end, collapsed layers at the end, the held-out loss and
+    its difference from the twin run's."""
+    def over_seeds(fn) -> dict:
+        return t_interval([fn(r) for r in mine], level)
+
+    def at(r, fraction: float) -> dict:
+        points = r["evolution"]
+        target = fraction * points[-1]["step"]
+        return min(points, key=lambda p: abs(p["step"] - target))
+
+    return {
+        "arm": arm, "depth": depth, "lr": lr, "seeds": len(mine),
+        "erank_tol_last_init": over_seeds(lambda r: r["evolution"][0]["erank_tol"][-1]),
+        "erank_tol_last_mid": over_seeds(lambda r: at(r, 0.5)["erank_tol"][-1]),
+        "erank_tol_last_final": over_seeds(lambda r: r["evolution"][-1]["erank_tol"][-1]),
+        "ln_erank_tol_last_final": over_seeds(lambda r: r["evolution"][-1]["ln_erank_tol"][-1]),
+        "erank_tol_min_final": over_seeds(lambda r: min(r["evolution"][-1]["erank_tol"])),
+        "token_cosine_last_final": over_seeds(lambda r: r["evolution"][-1]["token_cosine"][-1]),
+        "collapsed_layers_final": over_seeds(lambda r: sum(r["evolution"][-1]["collapsed"])),
+        "valid_loss": over_seeds(lambda r: r["valid_loss"]),
+        "valid_loss_minus_twin": over_seeds(lambda r: r["valid_loss"] - r["twin_valid_loss"]),
+    }
+
+
+def write_plots(exp: Experiment, depths: list[int], seed: int, runs: list[dict], reference: dict) -> None:
+    out = exp.out
+    out.mkdir(parents=True, exist_ok=True)
+    for depth in depths:
+        first = [r for r in runs if r["depth"] == depth and r["seed"] == seed]
+        if not first:
+            continue
+        for metric in METRICS:
+            curves = {r["arm"]: [(p["step"], p[metric][-1], 0.0) for p in r["evolution"]] for r in first}
+            last_step = max(p["step"] for r in first for p in r["evolution"])
+            if reference:
+                curves[f"Gaussian {reference['T']}x{reference['d']}"] = [(0, reference[metric], 0.0), (last_step, reference[metric], 0.0)]
+            plots.plot_series_vs_x(curves, out / f"{metric}_last_vs_step_L{depth}.png", f"last layer's {metric} during training, {depth} layers (seed {seed})",
+                                   "step", f"{metric} / min(T, d)")
+            plots.plot_erank_vs_depth({**{f"{r['arm']} init": r["evolution"][0][metric] for r in first[:1]},
+                                       **{r["arm"]: r["evolution"][-1][metric] for r in first}}, out / f"{metric}_by_layer_L{depth}.png",
+                                      f"{metric} by layer after training, {depth} layers (seed {seed})")
+        for r in first:
+            steps = [p["step"] for p in r["evolution"]]
+            matrix = [[p["erank_tol"][layer] for p in r["evolution"]] for layer in range(depth + 1)]
+            plots.plot_heatmap(matrix, steps, out / f"heatmap_{r['arm']}_L{depth}.png", f"erank_tol[layer, step], {r['arm']} {depth} layers", "erank_tol / min(T, d)",
+                               limits=(0.0, 1.0))
+
+
+def report_markdown(exp: Experiment, depths, seeds, every: int, table: list[dict], reference: dict) -> str:
+    md = (f"# rank_evolution\n\n{sizes_line(exp)}; depths {depths}; seeds {seeds}; every arm at its own tuned lr, a checkpoint every {every} steps. "
+          f"Rank profile on {exp.base.eval.rank_windows} windows spread over the valid split; erank_tol drops singular values below 1e-4 s_max, "
+          f"normalised by min(T, d)."
+          + (f" Gaussian {reference['T']} x {reference['d']} reference: erank_tol {reference['erank_tol']:.3f}, of LN {reference['ln_erank_tol']:.3f}." if reference else "")
+          + " Mean over seeds with the t interval.\n\n")
+    md += markdown_table(["arm", "layers", "lr", "erank_tol last @ init", "@ half", "@ end (CI)", "LN erank_tol last @ end (CI)", "lowest layer @ end",
+                          "token cos last @ end", "collapsed layers @ end", "valid loss", "- twin run", "seeds"],
+                         [[r["arm"], r["depth"], fmt_lr(r["lr"]), r["erank_tol_last_init"]["mean"], r["erank_tol_last_mid"]["mean"], fmt_estimate(r["erank_tol_last_final"]),
+                           fmt_estimate(r["ln_erank_tol_last_final"]), r["erank_tol_min_final"]["mean"], r["token_cosine_last_final"]["mean"],
+                           r["collapsed_layers_final"]["mean"], r["valid_loss"]["mean"], r["valid_loss_minus_twin"]["mean"], r["seeds"]] for r in table])
+    for d in depths:
+        md += f"\n![last layer L{d}](erank_tol_last_vs_step_L{d}.png)\n![LN last layer L{d}](ln_erank_tol_last_vs_step_L{d}.png)\n![by layer L{d}](erank_tol_by_layer_L{d}.png)\n"
+        md += "".join(f"![heatmap {r['arm']} L{d}](heatmap_{r['arm']}_L{d}.png)\n" for r in table if r["depth"] == d)
+    return md
