@@ -70,6 +70,7 @@ def test_depth_scaling_tuned_arms_paired_stats_and_resume(micro):
     out = root / "out" / "depth_scaling"
     _check_outputs(out, ("table", "runs", "lr_sweeps", "baselines", "decision_rule"))
     assert (out / "diff_vs_depth.png").stat().st_size > 0 and "diff_vs_depth.png" in (out / "results.md").read_text()
+    assert sum(r.get("diff_vs_baseline", {}).get("n", 0) >= 2 for r in results["table"]) == 4  # mgt and embed_only at two depths: points on the plot
     assert {(r["arm"], r["depth"]) for r in results["table"]} == {(a, d) for a in ("preln", "mgt", "embed_only") for d in (1, 2)}
     for depth in ("1", "2"):
         for arm, sweep in results["lr_sweeps"][depth].items():
@@ -395,14 +396,27 @@ def test_deadline_gate_starts_only_runs_that_end_in_time(micro, tmp_path, monkey
     assert status.parse_deadline("+90", now) == now.timestamp() + 5400 == status.parse_deadline("+1.5h", now)
     assert status.parse_deadline("15:05", now) == dt.datetime(2026, 12, 7, 15, 5).timestamp()
     assert status.parse_deadline("2026-12-08T01:00", now) == dt.datetime(2026, 12, 8, 1, 0).timestamp()
-    for bad in ("11:00", "soon", "+x"):
-        with pytest.raises(ConfigError, match="--deadline"):
+    for past in ("11:00", "2026-12-07T11:59"):
+        with pytest.raises(ConfigError, match="has passed"):
+            status.parse_deadline(past, now)
+    for bad in ("soon", "+x", "25:00"):
+        with pytest.raises(ConfigError, match="expected"):
             status.parse_deadline(bad, now)
+    # evolution adds one EVOLUTION_POINT_MARGIN of the estimate per kept checkpoint and init (10 steps, save_every 5: 3 points)
+    evo_cfg = derive(cfg, {"train.save_every": 5})
+    evo_need = need + 1200.0 * 3 * status.EVOLUTION_POINT_MARGIN
+    assert status.deadline_gate(1000 + evo_need, clock=lambda: 1000.0)("preln_L8_s1_cccccc", evo_cfg, fresh, True)
+    assert not status.deadline_gate(1000 + evo_need - 1, clock=lambda: 1000.0)("preln_L8_s1_cccccc", evo_cfg, fresh, True)
 
     monkeypatch.setattr(common, "ARCHIVE", None)
     monkeypatch.setattr(common, "REPORT_ONLY", False)
     preset = write_preset("depth_scaling", {"variants": ["preln"], "depths": [1], "seeds": [1], "tuning": TUNING})
     out = tmp_path / "out"
     assert experiment_main(["depth_scaling", "--preset", str(preset), "--pool", str(pool), "--out", str(out), "--deadline", "+0"]) == 0
-    assert not list(pool.glob("*_L1_*/metrics.jsonl")) and (out / "results.json").is_file() and common.START_GATE is None
+    assert not list(pool.glob("*_L1_*/metrics.jsonl")) and common.START_GATE is None  # no estimate and no time left: nothing starts
+    refused = json.loads((out / "results.json").read_text())
+    assert refused["lr_sweeps"]["1"]["preln"]["complete"] is False and refused["lr_sweeps"]["1"]["preln"]["lr"] is None  # the sweep stays open
+    assert experiment_main(["depth_scaling", "--preset", str(preset), "--pool", str(pool), "--out", str(out), "--deadline", "+600"]) == 0
+    trained = json.loads((out / "results.json").read_text())  # time left: the sweep and the seed train (no estimate: start while before)
+    assert trained["lr_sweeps"]["1"]["preln"]["complete"] is True and math.isfinite(trained["table"][0]["valid_loss"])
     assert experiment_main(["depth_scaling", "--preset", str(preset), "--deadline", "soon"]) == 2

@@ -69,6 +69,11 @@ def matched_d_ff(base: Config, target: str = "mgt") -> int:
     return d_ff
 
 
+def arm_tag(arm: str) -> str:
+    """The run-name tag of an arm: the special arms' names, '' for a residual rule."""
+    return arm if arm in SPECIAL_ARMS else ""
+
+
 def arm_config(base: Config, arm: str) -> Config:
     """`base` (depth, seed, lr already set) as arm `arm`."""
     if arm == "preln_matched":
@@ -89,7 +94,7 @@ def tuning_settings(grid: Mapping) -> dict:
 
 
 class _NotRun(Exception):
-    """A sweep point that report-only mode finds unfinished."""
+    """A sweep point left unfinished: report-only mode, or refused by `--deadline`."""
 
 
 class SweepPointHeld(Exception):
@@ -104,15 +109,16 @@ class SweepPointHeld(Exception):
 def tuned_arm(base: Config, arm: str, depth: int, pool, tuning: Mapping, report_only: bool = False, wait: bool = True) -> dict:
     """The lr sweep of `arm` at the sweep depth of `depth` (tuning['bands']) and the first
     seed of `base`: every point, the chosen lr and the rule (lr_sweep.sweep's record), and
-    `complete`. In report-only mode a sweep with an unfinished point chooses nothing (lr None,
-    complete False) rather than choosing among the points that happen to be done. With
+    `complete`. A sweep with a point left unfinished (report-only mode, or past `--deadline`)
+    chooses nothing (lr None, complete False) rather than choosing among the points that
+    happen to be done. With
     `wait=False`, a point another runner holds raises SweepPointHeld instead of waiting."""
     sweep_depth = int(tuning["bands"].get(depth, depth))
     at_depth = derive(base, {"model.n_layers": sweep_depth})
     outcomes: dict[float, RunOutcome] = {}
 
     def loss_at(lr: float) -> float:
-        outcome = ensure_run(arm_config(derive(at_depth, {"train.lr": lr}), arm), pool, tag=arm if arm in SPECIAL_ARMS else "", report_only=report_only, wait=wait)
+        outcome = ensure_run(arm_config(derive(at_depth, {"train.lr": lr}), arm), pool, tag=arm_tag(arm), report_only=report_only, wait=wait)
         if outcome is None:
             raise SweepPointHeld(lr, trained=any(o.trained_now for o in outcomes.values()))
         outcomes[lr] = outcome
@@ -164,15 +170,15 @@ def tuned_sweeps(exp: Experiment, arms: list[str], depth: int, seed: int, tuning
     if not common.REPORT_ONLY:
         grid = lr_sweep.initial_grid(float(tuning["center"]), int(tuning["points"]), float(tuning["factor"]))
         at_depth = derive(first, {"model.n_layers": int(tuning["bands"].get(depth, depth))})
-        run_grid([(arm_config(derive(at_depth, {"train.lr": lr}), arm), arm if arm in SPECIAL_ARMS else "") for arm in arms for lr in grid], exp.pool, f"{desc} lr sweeps")
+        run_grid([(arm_config(derive(at_depth, {"train.lr": lr}), arm), arm_tag(arm)) for arm in arms for lr in grid], exp.pool, f"{desc} lr sweeps")
     return _extend_sweeps(first, arms, depth, exp.pool, tuning)
 
 
 def tuned_specs(base: Config, sweeps: Mapping, arms: list[str], depth: int, seeds: list[int], changes: Mapping | None = None) -> list[tuple[Config, str]]:
     """(config, tag) of every seed of every arm at its chosen lr (`changes` on top); arms
-    whose sweep chose nothing (every point diverged, or open in report-only mode) have none."""
+    whose sweep chose nothing (every point diverged, or still open) have none."""
     return [(arm_config(derive(base, {"model.n_layers": depth, "train.seed": seed, "train.lr": sweeps[arm]["lr"], **(changes or {})}), arm),
-             arm if arm in SPECIAL_ARMS else "") for arm in arms if sweeps[arm]["lr"] is not None for seed in seeds]
+             arm_tag(arm)) for arm in arms if sweeps[arm]["lr"] is not None for seed in seeds]
 
 
 def tuned_runs(exp: Experiment, arms: list[str], depth: int, seeds: list[int], tuning: Mapping, desc: str) -> tuple[dict, list[dict]]:
@@ -181,7 +187,7 @@ def tuned_runs(exp: Experiment, arms: list[str], depth: int, seeds: list[int], t
     with 'arm' and 'depth'); an arm whose every sweep point diverged has no runs."""
     sweeps = tuned_sweeps(exp, arms, depth, seeds[0], tuning, desc)
     specs = tuned_specs(exp.base, sweeps, arms, depth, seeds)
-    runs = [{**run_summary(o), "arm": o.tag or o.cfg.model.residual, "depth": depth} for o in run_grid(specs, exp.pool, desc)]
+    runs = [{**run_summary(o), "arm": o.arm, "depth": depth} for o in run_grid(specs, exp.pool, desc)]
     return sweeps, runs
 
 

@@ -173,6 +173,11 @@ class RunOutcome:
     tag: str = ""  # the arm of a special run (experiments/arms.py), else ""
 
     @property
+    def arm(self) -> str:
+        """The arm the run belongs to: its tag for a special arm, else its residual rule."""
+        return self.tag or self.cfg.model.residual
+
+    @property
     def valid_loss(self) -> float:
         """Held-out loss: every token of the valid split when mgt-eval scored it
         (eval.full_split), else its first eval.batches batches; nan unless finished."""
@@ -223,17 +228,26 @@ def ensure_run(
 ) -> RunOutcome | None:
     """Train (or resume) and evaluate one run in the pool unless it is finished; with
     `evolution`, also the geometry of every kept checkpoint (eval/evolution.json). With
-    `report_only`, or where START_GATE refuses it (`--deadline`), an unfinished run is not
-    trained and comes back with status 'missing'.
-    A run another process holds is waited for, or with `wait=False` left (None returned)."""
+    `report_only`, an unfinished run is not trained and comes back with status 'missing';
+    so does a run (or evolution) that START_GATE refuses (`--deadline`), asked again after
+    waiting for another runner's lock. A run another process holds is waited for, or with
+    `wait=False` left (None returned)."""
     name = run_name(cfg, tag)
     run_dir = pool / name
     cfg = derive(cfg, {"train.run_dir": str(run_dir), "train.resume": "auto", "log.progress": progress})
     archived = _archived(name)
     if archived is not None and not _is_finished(run_dir, cfg) and (not evolution or (archived / "eval" / "evolution.json").is_file()):
         return _outcome(name, archived, cfg, trained_now=False, tag=tag)
-    if (report_only or (START_GATE is not None and not START_GATE(name, cfg, run_dir))) and not _is_finished(run_dir, cfg):
-        return RunOutcome(name=name, run_dir=run_dir, cfg=cfg, status="missing", trained_now=False, eval=None, info={}, tag=tag)
+    missing = RunOutcome(name=name, run_dir=run_dir, cfg=cfg, status="missing", trained_now=False, eval=None, info={}, tag=tag)
+
+    def work_left() -> bool:
+        return not _is_finished(run_dir, cfg) or (evolution and not (run_dir / "eval" / "evolution.json").is_file())
+
+    def refused() -> bool:
+        return START_GATE is not None and work_left() and not START_GATE(name, cfg, run_dir, evolution)
+
+    if (report_only and not _is_finished(run_dir, cfg)) or refused():
+        return missing
     run_dir.mkdir(parents=True, exist_ok=True)
     trained_now = False
     with open(pool / f".{name}.lock", "w") as lock:
@@ -241,6 +255,8 @@ def ensure_run(
             fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))  # another runner on the same pool has it
         except BlockingIOError:
             return None
+        if refused():  # the wait may have run past the deadline
+            return missing
         if not _is_finished(run_dir, cfg):
             trained_now = True
             t0 = time.monotonic()
@@ -258,12 +274,10 @@ def ensure_run(
                 info["tokens"] = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len
                 write_json(run_dir / "run_info.json", info)
                 evaluate(cfg, run_dir)
-            if ARCHIVE is not None:
-                archive_run(run_dir, ARCHIVE)
         if evolution and not (run_dir / "eval" / "evolution.json").is_file():
             write_json(run_dir / "eval" / "evolution.json", checkpoint_evolution(cfg, run_dir))
-            if ARCHIVE is not None:
-                archive_run(run_dir, ARCHIVE)
+        if ARCHIVE is not None and (trained_now or (evolution and not (ARCHIVE / name / "eval" / "evolution.json").is_file())):
+            archive_run(run_dir, ARCHIVE)
     return _outcome(name, run_dir, cfg, trained_now, tag)
 
 
@@ -314,9 +328,9 @@ def train_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 
 REPORT_ONLY = False  # set by `mgt-experiment --report-only`: tabulate finished runs, train nothing
-# set by `mgt-experiment --deadline` (status.deadline_gate): may_start(name, cfg, run_dir) -> False leaves an
-# unfinished run untrained, as report-only would
-START_GATE: Callable[[str, Config, Path], bool] | None = None
+# set by `mgt-experiment --deadline` (status.deadline_gate): may_start(name, cfg, run_dir, evolution) -> False
+# leaves a run's remaining work (training, evaluation, evolution) undone, as report-only would
+START_GATE: Callable[[str, Config, Path, bool], bool] | None = None
 NOT_FINISHED: dict[str, tuple[str, int, int]] = {}  # report-only: {run: (arm, depth, max_steps)} a grid needs, unfinished (`--status`)
 OPEN_SWEEPS: list[str] = []  # report-only: "arm@depth" of lr sweeps with an unfinished point (their later points are not known yet)
 
@@ -342,7 +356,7 @@ def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evoluti
     for i in range(len(specs)):
         if outcomes[i].status == "missing":
             o = outcomes[i]
-            NOT_FINISHED[o.name] = (o.tag or o.cfg.model.residual, o.cfg.model.n_layers, o.cfg.train.max_steps)
+            NOT_FINISHED[o.name] = (o.arm, o.cfg.model.n_layers, o.cfg.train.max_steps)
             tqdm.write(f"[{desc}] {outcomes[i].name}: not finished, left out (report-only or past --deadline)")
         else:
             kept.append(outcomes[i])

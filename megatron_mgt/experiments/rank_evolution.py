@@ -22,6 +22,7 @@ import json
 import math
 
 from megatron_mgt import plots
+from megatron_mgt.config import ConfigError
 from megatron_mgt.experiments import common
 from megatron_mgt.experiments.arms import arms_for, tuned_specs, tuned_sweeps, tuning_settings
 from megatron_mgt.experiments.common import Experiment, run_grid, run_summary
@@ -36,7 +37,7 @@ def evolution_points(run_dir) -> list[dict]:
     per-layer means and collapsed flags (eval/evolution.json)."""
     points = json.loads((run_dir / "eval" / "evolution.json").read_text())["points"]
     if any("rank_profile" not in p for p in points):
-        raise ValueError(f"{run_dir}/eval/evolution.json has no rank_profile (eval.rank_windows = 0?): rank_evolution needs it")
+        raise ConfigError(f"{run_dir}/eval/evolution.json has no rank_profile (written before rank profiles were recorded): delete it to recompute")
     return [{"step": p["step"], "valid_loss": p["valid_loss"], "collapsed": p["rank_profile"]["collapsed"],
              **{k: v["mean"] for k, v in p["rank_profile"]["metrics"].items()}} for p in points]
 
@@ -51,24 +52,27 @@ def run(exp: Experiment) -> dict:
     steps = exp.base.train.max_steps
     every = int(g.get("checkpoint_every", max(1, steps // 10)))
     if not 0 < every <= steps:
-        raise ValueError(f"grid.checkpoint_every must be in 1..train.max_steps ({steps}), got {every}")
+        raise ConfigError(f"grid.checkpoint_every must be in 1..train.max_steps ({steps}), got {every}")
     if exp.base.eval.rank_windows < 2:
-        raise ValueError(f"rank_evolution needs eval.rank_windows >= 2 (the rank profile's windows), got {exp.base.eval.rank_windows}")
+        raise ConfigError(f"rank_evolution needs eval.rank_windows >= 2 (the rank profile's windows), got {exp.base.eval.rank_windows}")
     cadence = {"train.save_every": every, "train.keep_checkpoints": steps // every + 1}
     runs, table, sweeps = [], [], {}
     for depth in depths:
         sweeps[depth] = tuned_sweeps(exp, arms, depth, seeds[0], tuning, f"rank_evolution L{depth}")
-        twins = {(o.tag or o.cfg.model.residual, o.cfg.train.seed): o for o in
+        twins = {(o.arm, o.cfg.train.seed): o for o in
                  (common.ensure_run(cfg, exp.pool, tag, report_only=True) for cfg, tag in tuned_specs(exp.base, sweeps[depth], arms, depth, seeds))}
+        diverged = {}
         for o in run_grid(tuned_specs(exp.base, sweeps[depth], arms, depth, seeds, cadence), exp.pool, f"rank_evolution L{depth}", evolution=True):
-            arm = o.tag or o.cfg.model.residual
-            twin = twins.get((arm, o.cfg.train.seed))
-            runs.append({**run_summary(o), "arm": arm, "depth": depth, "evolution": evolution_points(o.run_dir),
+            if o.status != "finished":  # its last checkpoint is not the end of training: left out of the table and plots, counted
+                diverged[o.arm] = diverged.get(o.arm, 0) + 1
+                continue
+            twin = twins.get((o.arm, o.cfg.train.seed))
+            runs.append({**run_summary(o), "arm": o.arm, "depth": depth, "evolution": evolution_points(o.run_dir),
                          "twin_valid_loss": run_summary(twin)["valid_loss"] if twin is not None and twin.status == "finished" else math.nan})
         for arm in arms:
             mine = [r for r in runs if r["arm"] == arm and r["depth"] == depth]
-            if mine:
-                table.append(summary_row(arm, depth, sweeps[depth][arm]["lr"], mine, level))
+            if mine or diverged.get(arm):
+                table.append({**summary_row(arm, depth, sweeps[depth][arm]["lr"], mine, level), "diverged": diverged.get(arm, 0)})
     reference = next((r["gaussian_reference"] for r in runs if r.get("gaussian_reference")), None)  # from the runs' final evaluation
     write_plots(exp, depths, seeds[0], runs, reference)
     md = report_markdown(exp, depths, seeds, every, table, reference)
@@ -135,11 +139,11 @@ def report_markdown(exp: Experiment, depths, seeds, every: int, table: list[dict
           + (f" Gaussian {reference['T']} x {reference['d']} reference: erank_tol {reference['erank_tol']:.3f}, of LN {reference['ln_erank_tol']:.3f}." if reference else "")
           + " Mean over seeds with the t interval.\n\n")
     md += markdown_table(["arm", "layers", "lr", "erank_tol last @ init", "@ half", "@ end (CI)", "LN erank_tol last @ end (CI)", "lowest layer @ end",
-                          "token cos last @ end", "collapsed layers @ end", "valid loss", "- twin run", "seeds"],
+                          "token cos last @ end", "collapsed layers @ end", "valid loss", "- twin run", "seeds", "diverged"],
                          [[r["arm"], r["depth"], fmt_lr(r["lr"]), r["erank_tol_last_init"]["mean"], r["erank_tol_last_mid"]["mean"], fmt_estimate(r["erank_tol_last_final"]),
                            fmt_estimate(r["ln_erank_tol_last_final"]), r["erank_tol_min_final"]["mean"], r["token_cosine_last_final"]["mean"],
-                           r["collapsed_layers_final"]["mean"], r["valid_loss"]["mean"], r["valid_loss_minus_twin"]["mean"], r["seeds"]] for r in table])
+                           r["collapsed_layers_final"]["mean"], r["valid_loss"]["mean"], r["valid_loss_minus_twin"]["mean"], r["seeds"], r["diverged"]] for r in table])
     for d in depths:
         md += f"\n![last layer L{d}](erank_tol_last_vs_step_L{d}.png)\n![LN last layer L{d}](ln_erank_tol_last_vs_step_L{d}.png)\n![by layer L{d}](erank_tol_by_layer_L{d}.png)\n"
-        md += "".join(f"![heatmap {r['arm']} L{d}](heatmap_{r['arm']}_L{d}.png)\n" for r in table if r["depth"] == d)
+        md += "".join(f"![heatmap {r['arm']} L{d}](heatmap_{r['arm']}_L{d}.png)\n" for r in table if r["depth"] == d and r["seeds"])
     return md

@@ -106,39 +106,47 @@ def summary(steps: list[tuple[str, dict[str, tuple[str, int, int]], list[str]]],
 
 
 EVAL_MARGIN = 1.1  # archived walls time training only; the evaluation after it adds a few percent (~1 min of ~14 at 96 layers)
+EVOLUTION_POINT_MARGIN = 0.01  # one evolution point (8 held-out batches, 64 rank windows) is about a tenth of the full-split evaluation
 
 
 def parse_deadline(text: str, now: dt.datetime | None = None) -> float:
     """`--deadline` as epoch seconds: '+90' or '+90m' (minutes from now), '+2h', 'HH:MM' (today,
-    local time) or an ISO date-time ('2026-12-07T15:05')."""
+    local time) or an ISO date-time ('2026-12-07T15:05'); a time already past is an error."""
     now = now or dt.datetime.now()
-    rel = re.fullmatch(r"\+(\d+(?:\.\d+)?)([mh]?)", text.strip())
+    text = text.strip()
+    rel = re.fullmatch(r"\+(\d+(?:\.\d+)?)([mh]?)", text)
     if rel:
         return now.timestamp() + float(rel[1]) * (3600 if rel[2] == "h" else 60)
     try:
-        if re.fullmatch(r"\d{1,2}:\d{2}", text.strip()):
-            at = dt.datetime.combine(now.date(), dt.time.fromisoformat(text.strip().zfill(5)))
-            if at < now:
-                raise ConfigError(f"--deadline {text}: that time has passed today; give a date (YYYY-MM-DDTHH:MM) or +minutes")
-            return at.timestamp()
-        return dt.datetime.fromisoformat(text.strip()).timestamp()
+        if re.fullmatch(r"\d{1,2}:\d{2}", text):
+            at = dt.datetime.combine(now.date(), dt.time.fromisoformat(text.zfill(5)))
+        else:
+            at = dt.datetime.fromisoformat(text)
     except ValueError:
         raise ConfigError(f"--deadline {text!r}: expected +MINUTES, +HOURSh, HH:MM or YYYY-MM-DDTHH:MM") from None
+    if at < now:
+        raise ConfigError(f"--deadline {text}: {at:%Y-%m-%d %H:%M} has passed (now {now:%Y-%m-%d %H:%M}); give a later time or +MINUTES")
+    return at.timestamp()
 
 
-def deadline_gate(deadline: float, clock: Callable[[], float] = time.time) -> Callable[[str, Config, Path], bool]:
-    """may_start(name, cfg, run_dir) for common.START_GATE: does the run end by `deadline`?
-    now + estimate x (1 - steps done / max_steps) x EVAL_MARGIN <= deadline, the estimate from
-    the finished runs of the archive and of the run's pool at the time of asking (so each run
-    that finishes refines it); a run without an estimate starts only before the deadline."""
+def deadline_gate(deadline: float, clock: Callable[[], float] = time.time) -> Callable[[str, Config, Path, bool], bool]:
+    """may_start(name, cfg, run_dir, evolution) for common.START_GATE: does the run's remaining
+    work end by `deadline`? now + estimate x [(1 - steps done / max_steps) x EVAL_MARGIN
+    + (kept checkpoints + 1) x EVOLUTION_POINT_MARGIN with `evolution`] <= deadline, the
+    estimate from the finished runs of the archive and of the run's pool at the time of asking
+    (so each run that finishes refines it); a run without an estimate starts only before the
+    deadline."""
 
-    def may_start(name: str, cfg: Config, run_dir: Path) -> bool:
+    def may_start(name: str, cfg: Config, run_dir: Path, evolution: bool = False) -> bool:
         key = arm_depth(name)
         est = estimate_seconds(*key, finished_walls([d for d in (common.ARCHIVE, run_dir.parent) if d is not None])) if key else None
         if est is None:
             return clock() < deadline
         ckpt = find_checkpoint(run_dir / "checkpoints", "auto")
         done = int(ckpt.name.split("_")[1]) / cfg.train.max_steps if ckpt is not None and cfg.train.max_steps else 0.0
-        return clock() + est * max(0.0, 1.0 - done) * EVAL_MARGIN <= deadline
+        share = max(0.0, 1.0 - done) * EVAL_MARGIN
+        if evolution:
+            share += ((cfg.train.max_steps // cfg.train.save_every if cfg.train.save_every else 1) + 1) * EVOLUTION_POINT_MARGIN
+        return clock() + est * share <= deadline
 
     return may_start
