@@ -164,8 +164,10 @@ def plot_series_vs_x(
     ylabel: str,
     logx: bool = False,
     logy: bool = False,
+    xticks: Sequence[float] | None = None,
 ) -> None:
-    """One line per series of (x, mean, spread) points, spread drawn as error bars (0 or NaN: none)."""
+    """One line per series of (x, mean, spread) points, spread drawn as error bars (0 or NaN: none);
+    `xticks` labels exactly those x values (e.g. the depths of a log axis)."""
     fig = _new_figure()
     ax = _axes(fig)
     for name, points in series.items():
@@ -178,6 +180,9 @@ def plot_series_vs_x(
         ax.set_xscale("log")
     if logy:
         ax.set_yscale("log")
+    if xticks:
+        ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
+        ax.minorticks_off()
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     if ax.lines:

@@ -262,6 +262,7 @@ def test_report_formats_lr_and_undefined_intervals():
     assert fmt_ci([-0.25, 0.125]) == "[-0.250, +0.125]" and fmt_ci([3.1, 3.3], signed=False) == "[3.100, 3.300]"
     assert fmt_ci([math.nan, math.nan]) == "n/a (<2 seeds)" and fmt_ci(None) == "-"
     assert fmt_estimate({"mean": -0.444, "ci": [math.nan, math.nan]}) == "-0.444 n/a (<2 seeds)"
+    assert fmt_estimate({"mean": math.nan, "ci": [math.nan, math.nan]}) == "-" and fmt_ci([math.nan, math.nan], n=0) == "-"  # no run at all
 
 
 def test_matched_d_ff_is_the_smallest_width_reaching_mgts_count():

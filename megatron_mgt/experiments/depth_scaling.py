@@ -52,8 +52,8 @@ def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, 
     rows = []
     for r in table:
         d = r.get("diff_vs_baseline")
-        rows.append([r["arm"], r["depth"], fmt_lr(r["lr"]), r["valid_loss"], fmt_ci(r["valid_loss_ci"], signed=False),
-                     d["mean"] if d else None, fmt_ci(d["ci"]) if d else "-", r.get("decision", "-"),
+        rows.append([r["arm"], r["depth"], fmt_lr(r["lr"]), r["valid_loss"], fmt_ci(r["valid_loss_ci"], signed=False, n=r["seeds"]),
+                     d["mean"] if d else None, fmt_ci(d["ci"], n=d["n"]) if d else "-", r.get("decision", "-") if r["seeds"] else "-",
                      r["erank_tol_last"], r["ln_erank_tol_last"], r["collapsed_last"], r["seeds"], r["diverged"], r["label"]])
     md += markdown_table(["arm", "layers", "lr", "valid loss", "95% CI", f"- {baseline_arm}", "paired CI", "decision",
                           "erank_tol last", "erank_tol LN last", "collapsed", "seeds", "diverged", "note"], rows)
@@ -80,12 +80,12 @@ def write_plots(exp, arms, depths, table, sweeps, runs, baselines, baseline_arm:
     out.mkdir(parents=True, exist_ok=True)
     series = {a: [(r["depth"], r["valid_loss"], _half_width(r["valid_loss_ci"])) for r in table if r["arm"] == a] for a in arms}
     series["bigram (KN)"] = [(d, baselines["bigram_kn"], 0.0) for d in depths]
-    plots.plot_series_vs_x(series, out / "loss_vs_depth.png", "held-out loss vs depth (tuned lr, 95% seed CI)", "layers", "valid loss (nats/token)", logx=True)
+    plots.plot_series_vs_x(series, out / "loss_vs_depth.png", "held-out loss vs depth (tuned lr, 95% seed CI)", "layers", "valid loss (nats/token)", logx=True, xticks=depths)
     # prediction 2 across depth: the seed-paired difference against the baseline (2+ seeds), 0 = no difference
     diffs = {a: [(r["depth"], r["diff_vs_baseline"]["mean"], _half_width(r["diff_vs_baseline"]["ci"])) for r in table
                  if r["arm"] == a and r.get("diff_vs_baseline") and r["diff_vs_baseline"]["n"] >= 2] for a in arms if a != baseline_arm}
     diffs[f"{baseline_arm} (0)"] = [(d, 0.0, 0.0) for d in depths]
-    plots.plot_series_vs_x(diffs, out / "diff_vs_depth.png", f"valid loss - {baseline_arm}, seed-paired (95% t CI)", "layers", f"loss - {baseline_arm} (nats/token)", logx=True)
+    plots.plot_series_vs_x(diffs, out / "diff_vs_depth.png", f"valid loss - {baseline_arm}, seed-paired (95% t CI)", "layers", f"loss - {baseline_arm} (nats/token)", logx=True, xticks=depths)
     curves = {f"{a} L{d}": {lr: loss for lr, loss in sweeps[d][a]["results"]} for d in depths for a in arms}
     plots.plot_lr_sweep(curves, {f"{a} L{d}": sweeps[d][a]["lr"] for d in depths for a in arms if sweeps[d][a]["lr"]}, out / "lr_sweeps.png", "lr sweeps")
     first = [r for r in runs if r["seed"] == runs[0]["seed"]] if runs else []

@@ -11,16 +11,18 @@ from megatron_mgt.experiments.common import Experiment, config_key, write_json
 
 
 def fmt(value, digits: int = 3) -> str:
+    """A table cell: '-' for a missing (None or NaN) value."""
     if value is None:
         return "-"
     if isinstance(value, float):
-        return "nan" if not math.isfinite(value) else f"{value:.{digits}f}"
+        return "-" if not math.isfinite(value) else f"{value:.{digits}f}"
     return str(value)
 
 
-def fmt_ci(ci, signed: bool = True) -> str:
-    """'[lo, hi]' of a confidence interval; 'n/a (<2 seeds)' where it is undefined (fewer than 2 values)."""
-    if not ci:
+def fmt_ci(ci, signed: bool = True, n: int | None = None) -> str:
+    """'[lo, hi]' of a confidence interval; 'n/a (<2 seeds)' where it is undefined (fewer than 2
+    values), '-' where there is no value at all (n == 0)."""
+    if not ci or n == 0:
         return "-"
     if not all(math.isfinite(v) for v in ci):
         return "n/a (<2 seeds)"
@@ -29,8 +31,8 @@ def fmt_ci(ci, signed: bool = True) -> str:
 
 
 def fmt_estimate(t: dict | None) -> str:
-    """'mean [lo, hi]' of a {mean, ci} record (signed)."""
-    return f"{t['mean']:+.3f} {fmt_ci(t['ci'])}" if t else "-"
+    """'mean [lo, hi]' of a {mean, ci} record (signed); '-' without a finite mean."""
+    return f"{t['mean']:+.3f} {fmt_ci(t['ci'])}" if t and math.isfinite(t["mean"]) else "-"
 
 
 def fmt_lr(lr: float | None) -> str:
