@@ -188,7 +188,7 @@ class RunOutcome:
 
 
 ARCHIVE: Path | None = None  # set from the preset's `archive:` (cli): finished runs' records, committed with the results
-ARCHIVED = ("config.yaml", "run_info.json", "diverged.json", "eval/eval.json", "eval/evolution.json", "metrics.jsonl")
+ARCHIVED = ("config.yaml", "run_info.json", "diverged.json", "eval/eval.json", "eval/evolution.json", "metrics.jsonl", "anomalies.jsonl")
 
 
 def archive_run(run_dir: Path, archive: Path) -> None:
