@@ -117,17 +117,23 @@ def test_interrupted_run_resumes(micro):
     preset = write_preset("depth_scaling", {"variants": ["preln"], "depths": [3], "seeds": [1]})
     # An interrupted run: trained to step 3 under the pool's naming; the runner resumes it.
     from megatron_mgt.config import derive
-    from megatron_mgt.experiments.common import load_experiment, run_name
+    from megatron_mgt.experiments.common import ensure_run, load_experiment, run_name
     from megatron_mgt.train import train
 
     exp = load_experiment("depth_scaling", preset)
     cfg = derive(exp.base, {"model.residual": "preln", "model.n_layers": 3, "train.seed": 1})
     run_dir = pool / run_name(cfg)
     train(derive(cfg, {"train.run_dir": str(run_dir), "train.exit_at_step": 3}))
+    # a runner's segment that stops early (exit_at_step is volatile: the same run) still records its wall time
+    with pytest.raises(RuntimeError, match="stopped early"):
+        ensure_run(derive(cfg, {"train.exit_at_step": 5}), pool)
+    first_segment = json.loads((run_dir / "run_info.json").read_text())["wall_seconds"]
+    assert first_segment > 0 and "tokens" not in json.loads((run_dir / "run_info.json").read_text())
     run_experiment("depth_scaling", preset)
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert any(e.get("event") == "resumed" for e in events)
+    assert sum(e.get("event") == "resumed" for e in events) == 2
     assert (run_dir / "eval" / "eval.json").is_file()
+    assert json.loads((run_dir / "run_info.json").read_text())["wall_seconds"] > first_segment
 
 
 def test_ablation_interaction(micro):
@@ -217,7 +223,9 @@ def test_shipped_presets_load():
     for path in presets:
         if path.name.startswith("base_"):
             continue
-        exp = load_experiment(path.name.rsplit("_", 1)[0], path)
+        name = yaml.safe_load(path.read_text()).get("experiment", path.name.rsplit("_", 1)[0])  # e.g. depth_scaling_L96_sweep_cpu.yaml
+        assert name in EXPERIMENTS, f"{path}: experiment {name!r}"
+        exp = load_experiment(name, path)
         assert exp.grid and exp.pool and exp.out
 
 
@@ -351,7 +359,7 @@ def test_status_lists_what_a_rerun_would_train(micro, tmp_path, monkeypatch):
     steps = [{"experiment": "depth_scaling", "preset": str(preset), "overrides": []}]
     pool = tmp_path / "pool"
     before = grid_status(steps, pool=pool)
-    assert "1 runs to train (0 running); sweeps still open: preln@1" in before and "no estimate" in before  # the sweep's first point hides the rest
+    assert "4 runs to train (0 running); sweeps still open: preln@1" in before and "no estimate" in before  # the initial grid's 4 points; seed 2 waits on the sweep
     assert "at least" in before and not list(pool.glob("*/metrics.jsonl")) and common.REPORT_ONLY is False  # nothing trained
     run_experiment("depth_scaling", preset, pool=pool, out=tmp_path / "out")
     assert "total: 0 runs to train;" in grid_status(steps, pool=pool)

@@ -128,6 +128,11 @@ def tuned_arm(base: Config, arm: str, depth: int, pool, tuning: Mapping, report_
         return run_summary(outcomes[lr])["valid_loss"]
 
     center, points, factor, most = float(tuning["center"]), int(tuning["points"]), float(tuning["factor"]), int(tuning["max_points"])
+    if report_only:  # `--status` lists every unfinished point of the initial grid, not just the first
+        for lr in lr_sweep.initial_grid(center, points, factor):
+            missing = ensure_run(arm_config(derive(at_depth, {"train.lr": lr}), arm), pool, tag=arm_tag(arm), report_only=True)
+            if missing is not None and missing.status == "missing":
+                common.NOT_FINISHED[missing.name] = (arm, sweep_depth, missing.cfg.train.max_steps)
     try:
         record = {**lr_sweep.sweep(loss_at, center, points, factor, most), "complete": True}
     except _NotRun:

@@ -261,18 +261,24 @@ def ensure_run(
             trained_now = True
             t0 = time.monotonic()
             info = read_json(run_dir / "run_info.json") or {"wall_seconds": 0.0}
+
+            def add_wall(**extra) -> None:  # every training segment counts, an interrupted one too
+                info.update(wall_seconds=info["wall_seconds"] + time.monotonic() - t0, **extra)
+                write_json(run_dir / "run_info.json", info)
+
             try:
                 result = train(cfg)
             except TrainingDiverged as err:
-                info.update(wall_seconds=info["wall_seconds"] + time.monotonic() - t0, diverged=str(err))
-                write_json(run_dir / "run_info.json", info)
+                add_wall(diverged=str(err))
                 write_json(run_dir / "diverged.json", {"message": str(err)})
+            except BaseException:  # Ctrl-C, a kill that Python sees, a crash: the segment still cost its time
+                add_wall()
+                raise
             else:
                 if result.status != "finished":
+                    add_wall()
                     raise RuntimeError(f"{name}: training stopped early ({result.status}); run the experiment again to resume")
-                info.update(wall_seconds=info["wall_seconds"] + time.monotonic() - t0)
-                info["tokens"] = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len
-                write_json(run_dir / "run_info.json", info)
+                add_wall(tokens=cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len)
                 evaluate(cfg, run_dir)
         if evolution and not (run_dir / "eval" / "evolution.json").is_file():
             write_json(run_dir / "eval" / "evolution.json", checkpoint_evolution(cfg, run_dir))

@@ -2,8 +2,9 @@
 
 The grid is walked in report-only mode (the runners' own logic: sweeps, their edge
 extensions, each arm's seeds at its chosen lr), so the list is exactly what a rerun would
-train next, except that a sweep with an unfinished point hides its later points and seeds
-(named as an open sweep: the count is a lower bound). Runs another runner holds are marked
+train next, except that a sweep with an unfinished point hides its edge extensions and the
+seeds at its chosen lr (named as an open sweep: the count is a lower bound; every point of
+its initial grid is listed). Runs another runner holds are marked
 running with their last logged step. The time estimate is, per run, the median wall time of
 the finished runs of the same arm and depth (archive and pool), else of that arm at the
 nearest finished depth scaled by depth; total / workers. Wall times were measured with the
