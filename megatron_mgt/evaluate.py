@@ -75,12 +75,16 @@ def split_perplexity(model: Transformer, prefix: str, cfg: Config, device: torch
 
 
 @torch.no_grad()
+def rank_probe(cfg: Config, device: torch.device) -> torch.Tensor:
+    """The rank probe: `eval.rank_windows` windows [N, seq_len] spread over the valid split."""
+    return spread_windows(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.rank_windows)[0].to(device)
+
+
 def rank_profiles(cfg: Config, model: Transformer, at_init: Transformer, device: torch.device) -> dict:
-    """geometry.rank_profile of the trained and the initial model on `eval.rank_windows`
-    windows spread over the valid split (means and CIs over windows), and the same metrics
-    on Gaussian matrices of the probe's shape, the no-structure reference."""
-    probe, _ = spread_windows(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.rank_windows)
-    probe = probe.to(device)
+    """geometry.rank_profile of the trained and the initial model on the rank probe (means
+    and CIs over windows), and the same metrics on Gaussian matrices of the probe's shape,
+    the no-structure reference."""
+    probe = rank_probe(cfg, device)
     stream_width = capture_geometry(at_init, probe[:1])["hidden"][0].shape[-1]
     return {
         "rank_profile": rank_profile(capture_geometry(model, probe)["hidden"], cfg.eval.center),

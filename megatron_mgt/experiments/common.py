@@ -38,9 +38,9 @@ from tqdm import tqdm
 from megatron_mgt.checkpoint import complete_checkpoints, find_checkpoint
 from megatron_mgt.config import Config, ConfigError, derive, merge, override_text, parse_override, read_yaml, to_dict, validate
 from megatron_mgt.data.indexed import IndexedDataset
-from megatron_mgt.data.loader import eval_batches, spread_windows
+from megatron_mgt.data.loader import eval_batches
 from megatron_mgt.engine.dist import resolve_device
-from megatron_mgt.evaluate import evaluate, load_model
+from megatron_mgt.evaluate import evaluate, load_model, rank_probe
 from megatron_mgt.flops import flops_per_token, matmul_params
 from megatron_mgt.geometry import geometry_snapshot, rank_profile
 from megatron_mgt.metrics import read_metrics
@@ -310,15 +310,15 @@ def checkpoint_evolution(cfg: Config, run_dir: Path) -> dict:
     device = resolve_device(cfg.train.device)
     probe, _ = next(iter(eval_batches(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.geometry_batch, 1)))
     probe = probe.to(device)
-    rank_probe = spread_windows(cfg.data.valid_prefix, cfg.data.seq_len, cfg.eval.rank_windows)[0].to(device) if cfg.eval.rank_windows else None
+    windows = rank_probe(cfg, device) if cfg.eval.rank_windows else None
 
     def record(model, step: int) -> dict:
         loss = heldout_loss(
             lambda x, y: lm_loss(model(x.to(device)), y.to(device)).item(), cfg.data.valid_prefix, cfg.data.seq_len, cfg.train.micro_batch_size, cfg.train.eval_batches
         )
         point = {"step": step, "valid_loss": loss["loss"], **geometry_snapshot(model, probe, cfg.eval.center, cfg.eval.spectrum)}
-        if rank_probe is not None:
-            point["rank_profile"] = rank_profile(capture_geometry(model, rank_probe)["hidden"], cfg.eval.center)
+        if windows is not None:
+            point["rank_profile"] = rank_profile(capture_geometry(model, windows)["hidden"], cfg.eval.center)
         return point
 
     torch.manual_seed(cfg.train.seed)
