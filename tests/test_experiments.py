@@ -213,7 +213,7 @@ def test_edge_of_chaos(micro):
 def test_shipped_presets_load():
     from pathlib import Path
 
-    from megatron_mgt.experiments.cli import EXPERIMENTS
+    from megatron_mgt.experiments.cli import EXPERIMENTS, campaign_steps
     from megatron_mgt.experiments.common import load_experiment
 
     presets = sorted(Path("configs/experiments").glob("*_[cg]pu.yaml"))
@@ -227,6 +227,9 @@ def test_shipped_presets_load():
         assert name in EXPERIMENTS, f"{path}: experiment {name!r}"
         exp = load_experiment(name, path)
         assert exp.grid and exp.pool and exp.out
+    for path in Path("configs/experiments").glob("campaign_*.yaml"):  # every step of a shipped campaign loads
+        for step in campaign_steps(str(path)):
+            assert load_experiment(step["experiment"], step["preset"], step["overrides"]).grid
 
 
 def test_campaign_runs_its_steps_in_order(micro, capsys):
@@ -246,6 +249,13 @@ def test_campaign_runs_its_steps_in_order(micro, capsys):
     campaign.write_text(yaml.safe_dump({"campaign": [{"experiment": "ablation"}]}))
     with pytest.raises(ConfigError, match="campaign step 0"):
         run_campaign(str(campaign))
+    # a bad later step is refused before the first step trains anything
+    bad = [steps[0], {"experiment": "ablation", "preset": "missing.yaml"}]
+    campaign.write_text(yaml.safe_dump({"campaign": bad}))
+    capsys.readouterr()
+    with pytest.raises(ConfigError, match="campaign step 1: experiment preset not found"):
+        run_campaign(str(campaign))
+    assert "step 1/2" not in capsys.readouterr().out
 
 
 def test_report_only_chooses_no_lr_from_an_unfinished_sweep(micro, tmp_path):

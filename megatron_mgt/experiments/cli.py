@@ -62,6 +62,13 @@ def run_campaign(preset: str, overrides=()) -> list[dict]:
     """Every step of a campaign preset, in order: {campaign: [{experiment, preset, overrides}]}
     (step presets relative to the campaign file); overrides after the preset apply to every step."""
     steps = campaign_steps(preset)
+    for i, step in enumerate(steps):  # every step's preset and overrides checked before the first run, not hours later
+        if step["experiment"] not in EXPERIMENTS:
+            raise ConfigError(f"{preset}: campaign step {i}: unknown experiment '{step['experiment']}' (one of {list(EXPERIMENTS)})")
+        try:
+            load_experiment(step["experiment"], step["preset"], [*step["overrides"], *overrides])
+        except ConfigError as err:
+            raise ConfigError(f"{preset}: campaign step {i}: {err}") from err
     results = []
     for i, step in enumerate(steps):
         print(f"mgt-experiment campaign: step {i + 1}/{len(steps)}: {step['experiment']} {step['preset']} {step['overrides']}", flush=True)
