@@ -134,3 +134,7 @@ def test_context_label_names_the_seeds_that_do_not_beat_the_bigram() -> None:
     assert context_label(3.4, b, {1: 3.5, 2: 3.5, 3: 3.2}) == "seeds 1, 2: no context learned"  # equal is not better
     assert context_label(3.0, b, {1: 3.0, 2: 3.1}) == ""
     assert context_label(3.0, b) == ""
+    nan = float("nan")  # a diverged seed is named as diverged, not as a seed that learnt no context
+    assert context_label(3.0, b, {1: 3.0, 2: nan}) == "seed 2: diverged"
+    assert context_label(3.6, b, {1: 3.6, 2: nan, 3: nan}) == "seed 1: no context learned; seeds 2, 3: diverged"
+    assert context_label(nan, b, {1: nan, 2: nan}) == "diverged" and context_label(nan, b) == "diverged"

@@ -227,6 +227,8 @@ def test_shipped_presets_load():
         assert name in EXPERIMENTS, f"{path}: experiment {name!r}"
         exp = load_experiment(name, path)
         assert exp.grid and exp.pool and exp.out
+    merged = load_experiment("depth_scaling", "configs/experiments/depth_scaling_cpu.yaml", ["grid.tuning.points=6"]).grid["tuning"]
+    assert merged["points"] == 6 and merged["bands"] == {96: 48} and merged["center"] == 3.0e-3  # a nested override keeps the rest
     for path in Path("configs/experiments").glob("campaign_*.yaml"):  # every step of a shipped campaign loads
         for step in campaign_steps(str(path)):
             assert load_experiment(step["experiment"], step["preset"], step["overrides"]).grid
@@ -256,6 +258,10 @@ def test_campaign_runs_its_steps_in_order(micro, capsys):
     with pytest.raises(ConfigError, match="campaign step 1: experiment preset not found"):
         run_campaign(str(campaign))
     assert "step 1/2" not in capsys.readouterr().out
+    for bad_override, message in (("grid.variants=[preln, mtg]", "'mtg' is not a residual rule"), ("grid.tuning.points=2", "points >= 4")):
+        campaign.write_text(yaml.safe_dump({"campaign": [steps[0], {**steps[1], "overrides": [bad_override]}]}))
+        with pytest.raises(ConfigError, match=f"campaign step 1: .*{message}"):
+            run_campaign(str(campaign))
 
 
 def test_report_only_chooses_no_lr_from_an_unfinished_sweep(micro, tmp_path):
@@ -406,8 +412,9 @@ def test_deadline_gate_starts_only_runs_that_end_in_time(micro, tmp_path, monkey
     half = pool / "preln_L8_s2_dddddd"  # a real run stopped with 3 of its 6 steps checkpointed needs half
     micro_cfg = load_config(root / "base.yaml", ["train.save_every=3", "train.exit_at_step=3", f"train.run_dir={half}"])
     assert train(micro_cfg).status.startswith("exited")
-    assert status.deadline_gate(1000 + need / 2, clock=lambda: 1000.0)("preln_L8_s2_dddddd", micro_cfg, half)
-    assert not status.deadline_gate(1000 + need / 2 - 1, clock=lambda: 1000.0)("preln_L8_s2_dddddd", micro_cfg, half)
+    half_need = 1200.0 * (0.5 + status.EVAL_MARGIN - 1)  # half the training left, and all of the evaluation
+    assert status.deadline_gate(1000 + half_need, clock=lambda: 1000.0)("preln_L8_s2_dddddd", micro_cfg, half)
+    assert not status.deadline_gate(1000 + half_need - 1, clock=lambda: 1000.0)("preln_L8_s2_dddddd", micro_cfg, half)
     unknown = status.deadline_gate(1000.0, clock=lambda: 999.0)  # no estimate for mgt: starts only before the deadline
     assert unknown("mgt_L8_s1_eeeeee", cfg, fresh) and not status.deadline_gate(1000.0, clock=lambda: 1000.0)("mgt_L8_s1_eeeeee", cfg, fresh)
 
@@ -415,6 +422,10 @@ def test_deadline_gate_starts_only_runs_that_end_in_time(micro, tmp_path, monkey
     assert status.parse_deadline("+90", now) == now.timestamp() + 5400 == status.parse_deadline("+1.5h", now)
     assert status.parse_deadline("15:05", now) == dt.datetime(2026, 12, 7, 15, 5).timestamp()
     assert status.parse_deadline("2026-12-08T01:00", now) == dt.datetime(2026, 12, 8, 1, 0).timestamp()
+    utc = dt.datetime(2026, 12, 7, 12, 0, tzinfo=dt.timezone.utc)  # a zoned deadline is compared in its zone, not a bare traceback
+    assert status.parse_deadline("2026-12-07T13:00+00:00", utc) == utc.timestamp() + 3600
+    with pytest.raises(ConfigError, match="has passed"):
+        status.parse_deadline("2026-12-07T11:00Z", utc)
     for past in ("11:00", "2026-12-07T11:59"):
         with pytest.raises(ConfigError, match="has passed"):
             status.parse_deadline(past, now)
@@ -439,3 +450,28 @@ def test_deadline_gate_starts_only_runs_that_end_in_time(micro, tmp_path, monkey
     trained = json.loads((out / "results.json").read_text())  # time left: the sweep and the seed train (no estimate: start while before)
     assert trained["lr_sweeps"]["1"]["preln"]["complete"] is True and math.isfinite(trained["table"][0]["valid_loss"])
     assert experiment_main(["depth_scaling", "--preset", str(preset), "--deadline", "soon"]) == 2
+
+
+def test_finished_run_is_archived_late_and_report_only_writes_nothing(micro, tmp_path, monkeypatch):
+    """A run that finished before `archive:` was set (or before a crash) is archived the next
+    time a runner meets it; report-only computes nothing (not even a missing evolution) and
+    writes nothing."""
+    from megatron_mgt.config import derive
+    from megatron_mgt.experiments import common
+    from megatron_mgt.experiments.common import ensure_run, load_experiment
+
+    write_preset, _, _ = micro
+    exp = load_experiment("depth_scaling", write_preset("depth_scaling", {"variants": ["preln"], "depths": [1], "seeds": [1]}))
+    cfg = derive(exp.base, {"model.residual": "preln", "model.n_layers": 1, "train.seed": 7})
+    pool, archive = tmp_path / "pool", tmp_path / "archive"
+    monkeypatch.setattr(common, "ARCHIVE", None)
+    done = ensure_run(cfg, pool)
+    assert done.status == "finished" and not archive.exists()
+    monkeypatch.setattr(common, "ARCHIVE", archive)
+    evolution = done.run_dir / "eval" / "evolution.json"
+    assert ensure_run(cfg, pool, evolution=True, report_only=True).status == "missing"  # its evolution is work left
+    assert not evolution.exists() and not archive.exists()
+    assert ensure_run(cfg, pool, report_only=True).status == "finished" and not archive.exists()
+    again = ensure_run(cfg, pool)
+    assert not again.trained_now and (archive / done.name / "eval" / "eval.json").is_file()
+    assert (archive / done.name / "run_info.json").read_text() == (done.run_dir / "run_info.json").read_text()

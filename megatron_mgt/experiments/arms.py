@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Mapping
 
 import torch
 
 from megatron_mgt.baselines import ngram_baselines
-from megatron_mgt.config import Config, derive
+from megatron_mgt.config import Config, ConfigError, derive
 from megatron_mgt.experiments import common, lr_sweep
 from megatron_mgt.experiments.common import Experiment, RunOutcome, ensure_run, run_grid, run_summary, variants_for
 from megatron_mgt.model import RESIDUAL_RULES, Transformer
@@ -81,16 +82,24 @@ def arm_config(base: Config, arm: str) -> Config:
     if arm == "embed_only":
         return derive(base, {"model.residual": "preln", "model.n_layers": 0})
     if arm not in RESIDUAL_RULES:
-        raise ValueError(f"unknown arm {arm!r}: a residual rule ({', '.join(RESIDUAL_RULES)}) or one of {SPECIAL_ARMS}")
+        raise ConfigError(f"unknown arm {arm!r}: a residual rule ({', '.join(RESIDUAL_RULES)}) or one of {SPECIAL_ARMS}")
     return derive(base, {"model.residual": arm})
 
 
 def tuning_settings(grid: Mapping) -> dict:
+    """grid.tuning over TUNING_DEFAULTS, checked: known keys, a valid initial grid, max_points >= points."""
     settings = {**TUNING_DEFAULTS, **(grid.get("tuning") or {})}
     unknown = set(settings) - set(TUNING_DEFAULTS)
     if unknown:
-        raise ValueError(f"grid.tuning: unknown keys {sorted(unknown)} (allowed: {sorted(TUNING_DEFAULTS)})")
-    return settings
+        raise ConfigError(f"grid.tuning: unknown keys {sorted(unknown)} (allowed: {sorted(TUNING_DEFAULTS)})")
+    try:
+        lr_sweep.initial_grid(float(settings["center"]), int(settings["points"]), float(settings["factor"]))
+        bands = {int(d): int(to) for d, to in dict(settings["bands"]).items()}
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"grid.tuning {dict(grid.get('tuning') or {})}: {err}") from None
+    if int(settings["max_points"]) < int(settings["points"]):
+        raise ConfigError(f"grid.tuning.max_points={settings['max_points']} is below points={settings['points']}")
+    return {**settings, "bands": bands}
 
 
 class _NotRun(Exception):
@@ -151,16 +160,21 @@ def baselines_for(cfg: Config) -> dict:
 
 def context_label(loss: float, baselines: Mapping, per_seed: Mapping[int, float] | None = None) -> str:
     """'no context learned' for a held-out loss that does not beat the Kneser-Ney bigram. With
-    `per_seed`, judged seed by seed: every seed fails -> 'no context learned'; some fail ->
+    `per_seed`, judged seed by seed (a non-finite loss is a diverged seed, named as such):
+    every seed fails -> 'no context learned'; some fail ->
     which ('seed 2: no context learned'), so one collapsed seed is neither hidden inside a good
     mean nor made to stand for the seeds that learned."""
     bigram = baselines["bigram_kn"]
     if not per_seed:
-        return "" if loss < bigram else "no context learned"
-    failed = sorted(s for s, v in per_seed.items() if not v < bigram)
+        return "" if loss < bigram else "diverged" if not math.isfinite(loss) else "no context learned"
+    diverged = sorted(s for s, v in per_seed.items() if not math.isfinite(v))
+    failed = sorted(s for s, v in per_seed.items() if math.isfinite(v) and not v < bigram)
     if len(failed) == len(per_seed):
         return "no context learned"
-    return f"seed{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))}: no context learned" if failed else ""
+    if len(diverged) == len(per_seed):
+        return "diverged"
+    notes = [f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}: {what}" for seeds, what in ((failed, "no context learned"), (diverged, "diverged")) if seeds]
+    return "; ".join(notes)
 
 
 def arms_for(requested) -> list[str]:
@@ -237,7 +251,7 @@ def compare_arms(runs: list[dict], arms: list[str], depth: int, baseline_arm: st
         row = {"arm": arm, "depth": depth, "lr": sweep["lr"], "lr_interior": sweep["interior"],
                "valid_loss": loss["mean"], "valid_loss_ci": loss["ci"], "seeds": loss["n"], "per_seed": losses,
                "diverged": sum(r["status"] == "diverged" for r in mine.values()),
-               "label": context_label(loss["mean"], baselines, losses) if loss["n"] else "no finished run"}
+               "label": context_label(loss["mean"], baselines, losses) if losses else "no finished run"}
         for key in RANK_KEYS:
             row[key] = t_interval([float(r[key]) for r in mine.values() if r.get(key) is not None], level)["mean"]
         if arm != baseline_arm:

@@ -29,6 +29,7 @@ import yaml
 
 from megatron_mgt.config import ConfigError
 from megatron_mgt.experiments import common, status
+from megatron_mgt.experiments.arms import arms_for, tuning_settings
 from megatron_mgt.experiments.common import load_experiment
 
 EXPERIMENTS = ("rank_evolution", "ablation", "beta_distribution", "depth_scaling", "copy_task", "edge_of_chaos")
@@ -58,6 +59,15 @@ def campaign_steps(preset: str) -> list[dict]:
     return [{"experiment": s["experiment"], "preset": str(path.parent / s["preset"]), "overrides": list(s.get("overrides", []))} for s in steps]
 
 
+def check_grid(exp) -> None:
+    """The grid settings every runner shares, checked up front: the arms (`grid.variants`) and
+    the lr sweep (`grid.tuning`); a ConfigError names the bad value."""
+    if "variants" in exp.grid:
+        arms_for(exp.grid["variants"])
+    if "tuning" in exp.grid:
+        tuning_settings(exp.grid)
+
+
 def run_campaign(preset: str, overrides=()) -> list[dict]:
     """Every step of a campaign preset, in order: {campaign: [{experiment, preset, overrides}]}
     (step presets relative to the campaign file); overrides after the preset apply to every step."""
@@ -66,7 +76,7 @@ def run_campaign(preset: str, overrides=()) -> list[dict]:
         if step["experiment"] not in EXPERIMENTS:
             raise ConfigError(f"{preset}: campaign step {i}: unknown experiment '{step['experiment']}' (one of {list(EXPERIMENTS)})")
         try:
-            load_experiment(step["experiment"], step["preset"], [*step["overrides"], *overrides])
+            check_grid(load_experiment(step["experiment"], step["preset"], [*step["overrides"], *overrides]))
         except ConfigError as err:
             raise ConfigError(f"{preset}: campaign step {i}: {err}") from err
     results = []
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mgt-experiment: error: {err}", file=sys.stderr)
         return 2
     finally:
-        common.START_GATE = None
+        common.START_GATE, common.REPORT_ONLY = None, False
     print(f"mgt-experiment: wrote {args.out or 'the preset out dir'}")
     return 0
 

@@ -27,7 +27,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,7 +98,7 @@ def load_experiment(
     run_overrides = [override_text(k, v) for k, v in (spec.get("overrides") or {}).items()]
     for text in list(run_overrides) + list(overrides):
         if text.startswith("grid."):
-            grid.update(parse_override(text)["grid"])
+            _merge_into(grid, parse_override(text)["grid"])
         else:
             merge(cfg, parse_override(text))
     validate(cfg)
@@ -113,6 +113,16 @@ def load_experiment(
     )
 
 
+def _merge_into(target: dict, update: Mapping) -> None:
+    """Nested merge: `grid.tuning.points=6` changes that key and keeps the preset's other tuning keys."""
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(target.get(key), Mapping):
+            target[key] = dict(target[key])
+            _merge_into(target[key], value)
+        else:
+            target[key] = value
+
+
 def variants_for(requested: Iterable[str]) -> list[str]:
     """The requested variants that are registered, plus the comparators if 'comparators' is
     listed and they are registered now (another module may add them at run time)."""
@@ -123,7 +133,7 @@ def variants_for(requested: Iterable[str]) -> list[str]:
         elif name in RESIDUAL_RULES:
             out.append(name)
         else:
-            tqdm.write(f"[experiments] variant '{name}' is not registered in RESIDUAL_RULES; skipped")
+            raise ConfigError(f"grid.variants: '{name}' is not a residual rule ({', '.join(RESIDUAL_RULES)}), 'comparators' or an arm of experiments/arms.py")
     return out
 
 
@@ -188,7 +198,8 @@ class RunOutcome:
 
 
 ARCHIVE: Path | None = None  # set from the preset's `archive:` (cli): finished runs' records, committed with the results
-ARCHIVED = ("config.yaml", "run_info.json", "diverged.json", "eval/eval.json", "eval/evolution.json", "metrics.jsonl", "anomalies.jsonl")
+# eval.json and diverged.json mark an archived run as done (_archived), so they are copied last
+ARCHIVED = ("config.yaml", "run_info.json", "metrics.jsonl", "anomalies.jsonl", "eval/evolution.json", "eval/eval.json", "diverged.json")
 
 
 def archive_run(run_dir: Path, archive: Path) -> None:
@@ -227,11 +238,12 @@ def ensure_run(
     cfg: Config, pool: Path, tag: str = "", evolution: bool = False, progress: bool = True, report_only: bool = False, wait: bool = True
 ) -> RunOutcome | None:
     """Train (or resume) and evaluate one run in the pool unless it is finished; with
-    `evolution`, also the geometry of every kept checkpoint (eval/evolution.json). With
-    `report_only`, an unfinished run is not trained and comes back with status 'missing';
-    so does a run (or evolution) that START_GATE refuses (`--deadline`), asked again after
-    waiting for another runner's lock. A run another process holds is waited for, or with
-    `wait=False` left (None returned)."""
+    `evolution`, also the geometry of every kept checkpoint (eval/evolution.json; not for a
+    diverged run). With `report_only`, nothing is computed or written and no lock is taken:
+    a run with work left comes back with status 'missing'; so does a run (or evolution) that
+    START_GATE refuses (`--deadline`), asked again after waiting for another runner's lock.
+    A run another process holds is waited for, or with `wait=False` left (None returned).
+    A finished run not yet in the archive is archived."""
     name = run_name(cfg, tag)
     run_dir = pool / name
     cfg = derive(cfg, {"train.run_dir": str(run_dir), "train.resume": "auto", "log.progress": progress})
@@ -240,13 +252,18 @@ def ensure_run(
         return _outcome(name, archived, cfg, trained_now=False, tag=tag)
     missing = RunOutcome(name=name, run_dir=run_dir, cfg=cfg, status="missing", trained_now=False, eval=None, info={}, tag=tag)
 
+    def evolution_left() -> bool:
+        return evolution and not (run_dir / "diverged.json").is_file() and not (run_dir / "eval" / "evolution.json").is_file()
+
     def work_left() -> bool:
-        return not _is_finished(run_dir, cfg) or (evolution and not (run_dir / "eval" / "evolution.json").is_file())
+        return not _is_finished(run_dir, cfg) or evolution_left()
 
     def refused() -> bool:
         return START_GATE is not None and work_left() and not START_GATE(name, cfg, run_dir, evolution)
 
-    if (report_only and not _is_finished(run_dir, cfg)) or refused():
+    if report_only:
+        return missing if work_left() else _outcome(name, run_dir, cfg, trained_now=False, tag=tag)
+    if refused():
         return missing
     run_dir.mkdir(parents=True, exist_ok=True)
     trained_now = False
@@ -280,10 +297,12 @@ def ensure_run(
                     raise RuntimeError(f"{name}: training stopped early ({result.status}); run the experiment again to resume")
                 add_wall(tokens=cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len)
                 evaluate(cfg, run_dir)
-        if evolution and not (run_dir / "eval" / "evolution.json").is_file():
+        if evolution_left():
             write_json(run_dir / "eval" / "evolution.json", checkpoint_evolution(cfg, run_dir))
-        if ARCHIVE is not None and (trained_now or (evolution and not (ARCHIVE / name / "eval" / "evolution.json").is_file())):
-            archive_run(run_dir, ARCHIVE)
+        if ARCHIVE is not None and _is_finished(run_dir, cfg):  # also a run finished before a crash, or before `archive:` was set
+            evolution_missing = (run_dir / "eval" / "evolution.json").is_file() and not (ARCHIVE / name / "eval" / "evolution.json").is_file()
+            if trained_now or _archived(name) is None or evolution_missing:
+                archive_run(run_dir, ARCHIVE)
     return _outcome(name, run_dir, cfg, trained_now, tag)
 
 
@@ -337,8 +356,8 @@ REPORT_ONLY = False  # set by `mgt-experiment --report-only`: tabulate finished 
 # set by `mgt-experiment --deadline` (status.deadline_gate): may_start(name, cfg, run_dir, evolution) -> False
 # leaves a run's remaining work (training, evaluation, evolution) undone, as report-only would
 START_GATE: Callable[[str, Config, Path, bool], bool] | None = None
-NOT_FINISHED: dict[str, tuple[str, int, int]] = {}  # report-only: {run: (arm, depth, max_steps)} a grid needs, unfinished (`--status`)
-OPEN_SWEEPS: list[str] = []  # report-only: "arm@depth" of lr sweeps with an unfinished point (their later points are not known yet)
+NOT_FINISHED: dict[str, tuple[str, int, int]] = {}  # report-only or past --deadline: {run: (arm, depth, max_steps)} a grid needs, unfinished (`--status`)
+OPEN_SWEEPS: list[str] = []  # report-only or past --deadline: "arm@depth" of lr sweeps with an unfinished point (their extensions are not known yet)
 
 
 def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evolution: bool = False) -> list[RunOutcome]:
@@ -434,7 +453,14 @@ def run_summary(o: RunOutcome) -> dict:
 
 
 def read_json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The JSON document at `path`, None if there is no file; a file that does not parse is a
+    ConfigError naming it (a truncated or hand-edited record), not a bare traceback."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err}); delete it to recompute that record, or restore it from the archive") from None
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -125,6 +125,8 @@ def parse_deadline(text: str, now: dt.datetime | None = None) -> float:
             at = dt.datetime.fromisoformat(text)
     except ValueError:
         raise ConfigError(f"--deadline {text!r}: expected +MINUTES, +HOURSh, HH:MM or YYYY-MM-DDTHH:MM") from None
+    if at.tzinfo is not None:  # '...T15:05Z' or '+01:00': compared in its own zone
+        now = now.astimezone(at.tzinfo) if now.tzinfo else now.astimezone().astimezone(at.tzinfo)
     if at < now:
         raise ConfigError(f"--deadline {text}: {at:%Y-%m-%d %H:%M} has passed (now {now:%Y-%m-%d %H:%M}); give a later time or +MINUTES")
     return at.timestamp()
@@ -132,8 +134,8 @@ def parse_deadline(text: str, now: dt.datetime | None = None) -> float:
 
 def deadline_gate(deadline: float, clock: Callable[[], float] = time.time) -> Callable[[str, Config, Path, bool], bool]:
     """may_start(name, cfg, run_dir, evolution) for common.START_GATE: does the run's remaining
-    work end by `deadline`? now + estimate x [(1 - steps done / max_steps) x EVAL_MARGIN
-    + (kept checkpoints + 1) x EVOLUTION_POINT_MARGIN with `evolution`] <= deadline, the
+    work end by `deadline`? now + estimate x [(1 - steps done / max_steps) + (EVAL_MARGIN - 1)
+    + (checkpoints saved + 1) x EVOLUTION_POINT_MARGIN with `evolution`] <= deadline, the
     estimate from the finished runs of the archive and of the run's pool at the time of asking
     (so each run that finishes refines it); a run without an estimate starts only before the
     deadline."""
@@ -145,7 +147,7 @@ def deadline_gate(deadline: float, clock: Callable[[], float] = time.time) -> Ca
             return clock() < deadline
         ckpt = find_checkpoint(run_dir / "checkpoints", "auto")
         done = int(ckpt.name.split("_")[1]) / cfg.train.max_steps if ckpt is not None and cfg.train.max_steps else 0.0
-        share = max(0.0, 1.0 - done) * EVAL_MARGIN
+        share = max(0.0, 1.0 - done) + (EVAL_MARGIN - 1.0)  # the held-out evaluation is owed even when training is done
         if evolution:
             share += ((cfg.train.max_steps // cfg.train.save_every if cfg.train.save_every else 1) + 1) * EVOLUTION_POINT_MARGIN
         return clock() + est * share <= deadline
