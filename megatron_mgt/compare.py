@@ -35,6 +35,7 @@ import yaml
 from megatron_mgt import plots
 from megatron_mgt.data.indexed import IndexedDataset
 from megatron_mgt.experiments.report import markdown_table
+from megatron_mgt.fileio import write_text_atomic
 from megatron_mgt.metrics import read_metrics
 from megatron_mgt.telemetry import latest_per_step
 
@@ -198,9 +199,7 @@ def compare(run_dirs: list[Path], out: Path, loss_target: float | None = None) -
     rows = [summarise(run, loss_target) for run in runs]
     out.mkdir(parents=True, exist_ok=True)
     result = {"loss_target": loss_target, "runs": rows}
-    tmp = out / ".compare.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(out / "compare.json")
+    write_text_atomic(out / "compare.json", json.dumps(result, indent=2))
     centred = {r["centered"] for r in rows if r["centered"] is not None}
     note = f"Loss X = {loss_target:.4f} nats (smoothed training loss). erank is {'centred' if centred == {True} else 'uncentred' if centred == {False} else 'mixed centring'}.\n"
     table = markdown_table(HEADER, ([r.get(k) for k in KEYS] for r in rows))
@@ -209,9 +208,7 @@ def compare(run_dirs: list[Path], out: Path, loss_target: float | None = None) -
         table += "\nValid perplexity at fixed epoch counts (last evaluation at or before each):\n\n" + markdown_table(
             ["run", *(f"epoch {e}" for e in epochs)], ([r["run"], *(r.get(f"valid_ppl_epoch_{e}") for e in epochs)] for r in rows)
         )
-    tmp = out / ".compare.md.tmp"
-    tmp.write_text(note + "\n" + table)
-    tmp.replace(out / "compare.md")
+    write_text_atomic(out / "compare.md", note + "\n" + table)
     write_plots(runs, out)
     return result
 

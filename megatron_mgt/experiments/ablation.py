@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from megatron_mgt import plots
 from megatron_mgt.experiments.arms import arms_for, baselines_for, compare_arms, tuned_runs, tuning_settings
-from megatron_mgt.experiments.common import Experiment, train_curve
+from megatron_mgt.experiments.common import Experiment, record_dir, train_curve
 from megatron_mgt.experiments.report import fmt_ci, fmt_lr, markdown_table, sizes_line, write_results
 from megatron_mgt.stats import decide, interaction
 
@@ -43,7 +43,7 @@ def run(exp: Experiment) -> dict:
     out = exp.out
     out.mkdir(parents=True, exist_ok=True)
     first = [r for r in runs if r["seed"] == seeds[0]]
-    plots.plot_loss_curves({r["arm"]: train_curve(exp.pool / r["run"]) for r in first}, out / "train_loss.png", f"training loss, {depth} layers, seed {seeds[0]}")
+    plots.plot_loss_curves({r["arm"]: train_curve(record_dir(exp.pool, r["run"])) for r in first}, out / "train_loss.png", f"training loss, {depth} layers, seed {seeds[0]}")
     plots.plot_erank_vs_depth({r["arm"]: r["erank"] for r in first if r["erank"]}, out / "erank_by_layer.png", f"effective rank by layer after training, seed {seeds[0]}")
     md = f"# ablation\n\n{sizes_line(exp)}; {depth} layers; seeds {seeds}; every arm at its own tuned lr.\n\n"
     md += f"Baselines on every valid token: unigram {baselines['unigram']:.3f}, Kneser-Ney bigram {baselines['bigram_kn']:.3f} nats/token.\n\n"

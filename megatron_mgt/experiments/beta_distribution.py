@@ -16,12 +16,11 @@ decision rule on D_s = deep third - shallow third ("deeper" if the interval lies
 
 from __future__ import annotations
 
-import json
 import math
 
 from megatron_mgt import plots
 from megatron_mgt.experiments.arms import tuned_runs, tuned_specs, tuning_settings
-from megatron_mgt.experiments.common import Experiment, run_grid, variants_for
+from megatron_mgt.experiments.common import Experiment, read_json, run_grid, variants_for
 from megatron_mgt.experiments.report import fmt_estimate, fmt_lr, markdown_table, sizes_line, write_results
 from megatron_mgt.stats import decide, spearman, t_interval
 
@@ -120,7 +119,7 @@ def plot_evolution(exp: Experiment, arms, depths, seed: int, sweeps) -> dict:
     evolution = {}
     for o in run_grid(specs, exp.pool, "beta_distribution evolution", evolution=True):
         d = o.cfg.model.n_layers
-        points = json.loads((o.run_dir / "eval" / "evolution.json").read_text())["points"]
+        points = read_json(o.run_dir / "eval" / "evolution.json")["points"]
         over_steps = [beta_rank_stats(p, d) for p in points]
         evolution[o.name] = [{"step": p["step"], **stats} for p, stats in zip(points, over_steps, strict=True)]
         steps = [p["step"] for p in points]

@@ -24,7 +24,6 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,6 +40,7 @@ from megatron_mgt.data.indexed import IndexedDataset
 from megatron_mgt.data.loader import eval_batches
 from megatron_mgt.engine.dist import resolve_device
 from megatron_mgt.evaluate import evaluate, load_model, rank_probe
+from megatron_mgt.fileio import write_text_atomic
 from megatron_mgt.flops import flops_per_token, matmul_params
 from megatron_mgt.geometry import geometry_snapshot, rank_profile
 from megatron_mgt.metrics import read_metrics
@@ -215,9 +215,7 @@ def archive_run(run_dir: Path, archive: Path) -> None:
         if rel == "metrics.jsonl":
             text = "".join(line for line in text.splitlines(keepends=True) if '"kind": "geometry"' not in line)
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest / f"{rel}.{os.getpid()}.tmp"
-        tmp.write_text(text)
-        tmp.replace(dest / rel)
+        write_text_atomic(dest / rel, text)
 
 
 def _archived(name: str) -> Path | None:
@@ -225,6 +223,12 @@ def _archived(name: str) -> Path | None:
         return None
     d = ARCHIVE / name
     return d if (d / "eval" / "eval.json").is_file() or (d / "diverged.json").is_file() else None
+
+
+def record_dir(pool: Path, name: str) -> Path:
+    """Where run `name`'s records are: the pool's run if it has its metrics, else the archive's copy."""
+    archived = _archived(name)
+    return archived if archived is not None and not (pool / name / "metrics.jsonl").is_file() else pool / name
 
 
 def _is_finished(run_dir: Path, cfg: Config) -> bool:
@@ -465,9 +469,7 @@ def read_json(path: Path) -> dict | None:
 
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default, allow_nan=True))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=_json_default, allow_nan=True))
 
 
 def _json_default(value):

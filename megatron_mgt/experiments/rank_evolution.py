@@ -18,14 +18,13 @@ Gaussian reference, erank_tol[layer, step] heat maps, and a table over seeds (t 
 
 from __future__ import annotations
 
-import json
 import math
 
 from megatron_mgt import plots
 from megatron_mgt.config import ConfigError
 from megatron_mgt.experiments import common
 from megatron_mgt.experiments.arms import arms_for, tuned_specs, tuned_sweeps, tuning_settings
-from megatron_mgt.experiments.common import Experiment, run_grid, run_summary
+from megatron_mgt.experiments.common import Experiment, read_json, run_grid, run_summary
 from megatron_mgt.experiments.report import fmt_estimate, fmt_lr, markdown_table, sizes_line, write_results
 from megatron_mgt.stats import t_interval
 
@@ -35,7 +34,7 @@ METRICS = ("erank_tol", "ln_erank_tol")
 def evolution_points(run_dir) -> list[dict]:
     """Per kept checkpoint (and init, step 0): step, held-out loss and the rank profile's
     per-layer means and collapsed flags (eval/evolution.json)."""
-    points = json.loads((run_dir / "eval" / "evolution.json").read_text())["points"]
+    points = read_json(run_dir / "eval" / "evolution.json")["points"]
     if any("rank_profile" not in p for p in points):
         raise ConfigError(f"{run_dir}/eval/evolution.json has no rank_profile (written before rank profiles were recorded): delete it to recompute")
     return [{"step": p["step"], "valid_loss": p["valid_loss"], "collapsed": p["rank_profile"]["collapsed"],

@@ -4,10 +4,10 @@ markdown tables, the one-line description of the run sizes."""
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Sequence
 
 from megatron_mgt.experiments.common import Experiment, config_key, write_json
+from megatron_mgt.fileio import write_text_atomic
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -58,9 +58,7 @@ def write_results(exp: Experiment, results: dict, markdown: str) -> None:
         **results,
     }
     write_json(exp.out / "results.json", results)
-    tmp = exp.out / f".results.md.{os.getpid()}.tmp"  # several runners may report into one out dir
-    tmp.write_text(markdown)
-    tmp.replace(exp.out / "results.md")
+    write_text_atomic(exp.out / "results.md", markdown)  # several runners may report into one out dir
 
 
 def sizes_line(exp: Experiment, seq_len: int | None = None) -> str:

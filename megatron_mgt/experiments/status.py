@@ -35,14 +35,17 @@ from megatron_mgt.metrics import read_metrics
 
 
 def finished_walls(dirs: list[Path]) -> dict[tuple[str, int], list[float]]:
-    """{(arm, depth): wall seconds of every finished run} under `dirs` (run_info.json + eval/eval.json)."""
+    """{(arm, depth): wall seconds of every finished run} under `dirs` (run_info.json + eval/eval.json),
+    each run once (a run in both the pool and the archive is one run)."""
     walls: dict[tuple[str, int], list[float]] = {}
+    seen: set[str] = set()
     for root in dirs:
         if not root.is_dir():
             continue
         for run in root.iterdir():
             key, info = arm_depth(run.name), run / "run_info.json"
-            if key and info.is_file() and (run / "eval" / "eval.json").is_file():
+            if key and run.name not in seen and info.is_file() and (run / "eval" / "eval.json").is_file():
+                seen.add(run.name)
                 try:
                     walls.setdefault(key, []).append(float(json.loads(info.read_text())["wall_seconds"]))
                 except (ValueError, KeyError, TypeError):
