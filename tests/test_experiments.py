@@ -385,7 +385,7 @@ def test_status_lists_what_a_rerun_would_train(micro, tmp_path, monkeypatch):
         fcntl.flock(other_runner, fcntl.LOCK_EX)
         held = grid_status(steps, pool=pool, workers=2)
     assert f"{seed2.name}: running, step 6, ~0 min" in held and "total: 1 runs to train;" in held and "with 2 worker(s)" in held
-    assert f"{seed2.name}: to train, ~" in grid_status(steps, pool=pool)
+    assert f"{seed2.name}: to resume from step 6, ~0 min" in grid_status(steps, pool=pool)  # trained, its evaluation owed
 
 
 def test_deadline_gate_starts_only_runs_that_end_in_time(micro, tmp_path, monkeypatch):

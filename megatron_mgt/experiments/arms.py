@@ -86,6 +86,11 @@ def arm_config(base: Config, arm: str) -> Config:
     return derive(base, {"model.residual": arm})
 
 
+def sweep_point(at_depth: Config, arm: str, lr: float) -> Config:
+    """The run of one lr sweep point: `at_depth` (sweep depth and first seed set) as `arm` at `lr`."""
+    return arm_config(derive(at_depth, {"train.lr": lr}), arm)
+
+
 def tuning_settings(grid: Mapping) -> dict:
     """grid.tuning over TUNING_DEFAULTS, checked: known keys, a valid initial grid, max_points >= points."""
     settings = {**TUNING_DEFAULTS, **(grid.get("tuning") or {})}
@@ -127,7 +132,7 @@ def tuned_arm(base: Config, arm: str, depth: int, pool, tuning: Mapping, report_
     outcomes: dict[float, RunOutcome] = {}
 
     def loss_at(lr: float) -> float:
-        outcome = ensure_run(arm_config(derive(at_depth, {"train.lr": lr}), arm), pool, tag=arm_tag(arm), report_only=report_only, wait=wait)
+        outcome = ensure_run(sweep_point(at_depth, arm, lr), pool, tag=arm_tag(arm), report_only=report_only, wait=wait)
         if outcome is None:
             raise SweepPointHeld(lr, trained=any(o.trained_now for o in outcomes.values()))
         outcomes[lr] = outcome
@@ -139,7 +144,7 @@ def tuned_arm(base: Config, arm: str, depth: int, pool, tuning: Mapping, report_
     center, points, factor, most = float(tuning["center"]), int(tuning["points"]), float(tuning["factor"]), int(tuning["max_points"])
     if report_only:  # `--status` lists every unfinished point of the initial grid, not just the first
         for lr in lr_sweep.initial_grid(center, points, factor):
-            missing = ensure_run(arm_config(derive(at_depth, {"train.lr": lr}), arm), pool, tag=arm_tag(arm), report_only=True)
+            missing = ensure_run(sweep_point(at_depth, arm, lr), pool, tag=arm_tag(arm), report_only=True)
             if missing is not None and missing.status == "missing":
                 common.NOT_FINISHED[missing.name] = (arm, sweep_depth, missing.cfg.train.max_steps)
     try:
@@ -189,7 +194,7 @@ def tuned_sweeps(exp: Experiment, arms: list[str], depth: int, seed: int, tuning
     if not common.REPORT_ONLY:
         grid = lr_sweep.initial_grid(float(tuning["center"]), int(tuning["points"]), float(tuning["factor"]))
         at_depth = derive(first, {"model.n_layers": int(tuning["bands"].get(depth, depth))})
-        run_grid([(arm_config(derive(at_depth, {"train.lr": lr}), arm), arm_tag(arm)) for arm in arms for lr in grid], exp.pool, f"{desc} lr sweeps")
+        run_grid([(sweep_point(at_depth, arm, lr), arm_tag(arm)) for arm in arms for lr in grid], exp.pool, f"{desc} lr sweeps")
     return _extend_sweeps(first, arms, depth, exp.pool, tuning)
 
 

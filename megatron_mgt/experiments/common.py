@@ -225,6 +225,11 @@ def _archived(name: str) -> Path | None:
     return d if (d / "eval" / "eval.json").is_file() or (d / "diverged.json").is_file() else None
 
 
+def tokens_per_step(cfg: Config) -> int:
+    """Training tokens per optimizer step of a single-process run: micro batch x accumulation x sequence."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len
+
+
 def record_dir(pool: Path, name: str) -> Path:
     """Where run `name`'s records are: the pool's run if it has its metrics, else the archive's copy."""
     archived = _archived(name)
@@ -299,7 +304,7 @@ def ensure_run(
                 if result.status != "finished":
                     add_wall()
                     raise RuntimeError(f"{name}: training stopped early ({result.status}); run the experiment again to resume")
-                add_wall(tokens=cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.data.seq_len)
+                add_wall(tokens=cfg.train.max_steps * tokens_per_step(cfg))
                 evaluate(cfg, run_dir)
         if evolution_left():
             write_json(run_dir / "eval" / "evolution.json", checkpoint_evolution(cfg, run_dir))
@@ -399,7 +404,7 @@ def valid_curve(o: RunOutcome, flops_per_token_: float) -> list[dict]:
     if not path.is_file():
         return []
     seconds = {r["step"]: r.get("train_seconds") for r in read_metrics(path, "train")}
-    per_step = o.cfg.train.micro_batch_size * o.cfg.train.grad_accum_steps * o.cfg.data.seq_len
+    per_step = tokens_per_step(o.cfg)
     return [
         {"step": r["step"], "loss": r["loss"], "tokens": r["step"] * per_step, "flops": r["step"] * per_step * flops_per_token_, "seconds": seconds.get(r["step"])}
         for r in read_metrics(path, "valid")

@@ -64,7 +64,7 @@ def write_results(exp: Experiment, results: dict, markdown: str) -> None:
 def sizes_line(exp: Experiment, seq_len: int | None = None) -> str:
     c = exp.base
     seq_len = seq_len or c.data.seq_len
-    tokens = c.train.max_steps * c.train.micro_batch_size * c.train.grad_accum_steps * seq_len
+    tokens = c.train.max_steps * c.train.micro_batch_size * c.train.grad_accum_steps * seq_len  # seq_len may differ from the data's (copy task)
     return (
         f"d_model={c.model.d_model}, heads={c.model.n_heads}, seq_len={seq_len}, batch={c.train.micro_batch_size}, "
         f"steps={c.train.max_steps} ({tokens} tokens/run), lr={c.train.lr}, erank {'centred' if c.eval.center else 'uncentred'}, "

@@ -64,6 +64,12 @@ def estimate_seconds(arm: str, depth: int, walls: dict[tuple[str, int], list[flo
     return statistics.median(walls[(arm, nearest)]) * depth / nearest
 
 
+def checkpoint_step(run_dir: Path) -> int:
+    """The step of the run's last complete checkpoint (where a resume starts), 0 without one."""
+    ckpt = find_checkpoint(run_dir / "checkpoints", "auto")
+    return int(ckpt.name.split("_")[1]) if ckpt is not None else 0
+
+
 def running_step(pool: Path, name: str) -> int | None:
     """The last logged train step of a run another process holds (its pool lock is taken), else None."""
     lock = pool / f".{name}.lock"
@@ -94,8 +100,9 @@ def summary(steps: list[tuple[str, dict[str, tuple[str, int, int]], list[str]]],
         lines.append(f"{title}: {len(new)} runs to train ({n_running} running)" + (f"; sweeps still open: {', '.join(sorted(set(open_sweeps)))}" if open_sweeps else ""))
         for name, (arm, depth, max_steps) in new.items():
             est = estimate_seconds(arm, depth, walls)
-            left = max(0.0, 1.0 - running[name] / max_steps) if running[name] is not None and max_steps else 1.0
-            state = f"running, step {running[name]}" if running[name] is not None else "to train"
+            done = running[name] if running[name] is not None else checkpoint_step(pool / name)
+            left = max(0.0, 1.0 - done / max_steps) if max_steps else 1.0
+            state = f"running, step {running[name]}" if running[name] is not None else f"to resume from step {done}" if done else "to train"
             lines.append(f"  {name}: {state}" + (f", ~{est * left / 60:.0f} min" if est is not None else ", no estimate"))
             if est is None:
                 unknown += 1
@@ -148,8 +155,7 @@ def deadline_gate(deadline: float, clock: Callable[[], float] = time.time) -> Ca
         est = estimate_seconds(*key, finished_walls([d for d in (common.ARCHIVE, run_dir.parent) if d is not None])) if key else None
         if est is None:
             return clock() < deadline
-        ckpt = find_checkpoint(run_dir / "checkpoints", "auto")
-        done = int(ckpt.name.split("_")[1]) / cfg.train.max_steps if ckpt is not None and cfg.train.max_steps else 0.0
+        done = checkpoint_step(run_dir) / cfg.train.max_steps if cfg.train.max_steps else 0.0
         share = max(0.0, 1.0 - done) + (EVAL_MARGIN - 1.0)  # the held-out evaluation is owed even when training is done
         if evolution:
             share += ((cfg.train.max_steps // cfg.train.save_every if cfg.train.save_every else 1) + 1) * EVOLUTION_POINT_MARGIN
