@@ -84,6 +84,19 @@ def test_interaction_worked_example() -> None:
     assert out["ci"] == pytest.approx([-0.2 / 3 - half, -0.2 / 3 + half], abs=1e-4)
 
 
+def test_interaction_of_a_depth_table() -> None:
+    """The runners' rows (compare_arms) give the same worked example, with the decision; a table
+    without all four 2 x 2 arms has no interaction."""
+    from megatron_mgt.experiments.arms import interaction_of
+
+    rows = [{"arm": "mgt", "per_seed": {0: 3.0, 1: 2.8, 2: 3.0}}, {"arm": "mhc", "per_seed": {0: 3.2, 1: 3.1, 2: 3.1}},
+            {"arm": "ddl", "per_seed": {0: 3.3, 1: 3.2, 2: 3.1}}, {"arm": "preln", "per_seed": {0: 3.4, 1: 3.3, 2: 3.3}},
+            {"arm": "postln", "per_seed": {0: 9.0}}]
+    out = interaction_of(rows, "ci_excludes_zero", 0.95)
+    assert out["mean"] == pytest.approx(-0.2 / 3) and out["decision"] == "undetermined" and out["formula"].startswith("I_s = L_mgt")
+    assert interaction_of(rows[1:], "ci_excludes_zero", 0.95) is None
+
+
 def test_decide_three_cases_and_rule_recorded() -> None:
     assert stats.decide({"ci": [-0.3, -0.1]})["decision"] == "win"
     assert stats.decide({"ci": [0.1, 0.2]})["decision"] == "loss"

@@ -17,10 +17,10 @@ of the first report is not reported: its denominator, mhc's gain, is within nois
 from __future__ import annotations
 
 from megatron_mgt import plots
-from megatron_mgt.experiments.arms import arms_for, baselines_for, compare_arms, tuned_runs, tuning_settings
+from megatron_mgt.config import ConfigError
+from megatron_mgt.experiments.arms import arms_for, baselines_for, compare_arms, interaction_of, tuned_runs, tuning_settings
 from megatron_mgt.experiments.common import Experiment, record_dir, train_curve
 from megatron_mgt.experiments.report import fmt_ci, fmt_lr, markdown_table, sizes_line, write_results
-from megatron_mgt.stats import decide, interaction
 
 CORE = ("preln", "mhc", "ddl", "mgt")
 
@@ -36,9 +36,9 @@ def run(exp: Experiment) -> dict:
     baselines = baselines_for(exp.base)
     sweeps, runs = tuned_runs(exp, arms, depth, seeds, tuning_settings(g), "ablation")
     table = compare_arms(runs, arms, depth, baseline_arm, baselines, rule, level, sweeps)
-    losses = {row["arm"]: row["per_seed"] for row in table}
-    inter = interaction(*(losses.get(a, {}) for a in ("mgt", "mhc", "ddl", "preln")), level=level)
-    inter.update(decide(inter, rule), formula="I_s = L_mgt - L_mhc - L_ddl + L_preln (I < 0: superadditive)")
+    inter = interaction_of(table, rule, level)
+    if inter is None:
+        raise ConfigError(f"ablation: grid.variants must include {list(CORE)}, got {arms}")
 
     out = exp.out
     out.mkdir(parents=True, exist_ok=True)

@@ -28,7 +28,7 @@ from megatron_mgt.config import Config, ConfigError, derive
 from megatron_mgt.experiments import common, lr_sweep
 from megatron_mgt.experiments.common import Experiment, RunOutcome, ensure_run, run_grid, run_summary, variants_for
 from megatron_mgt.model import RESIDUAL_RULES, Transformer
-from megatron_mgt.stats import decide, paired_difference, t_interval
+from megatron_mgt.stats import decide, interaction, paired_difference, t_interval
 
 SPECIAL_ARMS = ("preln_matched", "embed_only")
 TUNING_DEFAULTS = {"center": 3.0e-3, "points": 4, "factor": 2.0, "max_points": 8, "bands": {}}
@@ -236,6 +236,19 @@ def _extend_sweeps(first: Config, arms: list[str], depth: int, pool, tuning: Map
             sweeps[pending[0]] = tuned_arm(first, pending[0], depth, pool, tuning, report_only=common.REPORT_ONLY)
             pending.pop(0)
     return {arm: sweeps[arm] for arm in arms}
+
+
+INTERACTION_FORMULA = "I_s = L_mgt - L_mhc - L_ddl + L_preln (I < 0: superadditive)"
+
+
+def interaction_of(table: list[dict], rule: str, level: float) -> dict | None:
+    """The 2 x 2 interaction (stats.interaction) of compare_arms rows of one depth, with its
+    decision under `rule`; None unless preln, mhc, ddl and mgt are all in the table."""
+    losses = {row["arm"]: row["per_seed"] for row in table}
+    if not all(a in losses for a in ("mgt", "mhc", "ddl", "preln")):
+        return None
+    inter = interaction(*(losses[a] for a in ("mgt", "mhc", "ddl", "preln")), level=level)
+    return {**inter, **decide(inter, rule), "formula": INTERACTION_FORMULA}
 
 
 RANK_KEYS = ("erank_tol_last", "ln_erank_tol_last", "stable_rank_last", "token_cosine_last", "collapsed_last", "epochs", "distance_from_init")

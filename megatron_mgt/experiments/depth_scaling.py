@@ -17,7 +17,7 @@ a "no context learned" label when it does not beat the Kneser-Ney bigram.
 from __future__ import annotations
 
 from megatron_mgt import plots
-from megatron_mgt.experiments.arms import arms_for, baselines_for, compare_arms, tuned_runs, tuning_settings
+from megatron_mgt.experiments.arms import arms_for, baselines_for, compare_arms, interaction_of, tuned_runs, tuning_settings
 from megatron_mgt.experiments.common import Experiment
 from megatron_mgt.experiments.report import fmt_ci, fmt_estimate, fmt_lr, markdown_table, sizes_line, write_results
 from megatron_mgt.stats import decide
@@ -39,13 +39,16 @@ def run(exp: Experiment) -> dict:
         runs += mine
         table += compare_arms(mine, arms, depth, baseline_arm, baselines, rule, level, sweeps[depth])
     write_plots(exp, arms, depths, table, sweeps, runs, baselines, baseline_arm)
+    # prediction 3 at every depth where the 2 x 2 arms ran (the declared ablation is its own experiment)
+    interactions = {str(d): i for d in depths if (i := interaction_of([r for r in table if r["depth"] == d], rule, level)) is not None}
     results = {"decision_rule": {"rule": rule, "rule_text": decide({"ci": [0, 0]}, rule)["rule_text"], "level": level, "baseline": baseline_arm},
-               "baselines": baselines, "tuning": tuning, "lr_sweeps": {str(d): s for d, s in sweeps.items()}, "table": table, "runs": runs}
-    write_results(exp, results, report_markdown(exp, seeds, baseline_arm, baselines, table))
+               "baselines": baselines, "tuning": tuning, "lr_sweeps": {str(d): s for d, s in sweeps.items()}, "table": table,
+               "interaction_by_depth": interactions, "runs": runs}
+    write_results(exp, results, report_markdown(exp, seeds, baseline_arm, baselines, table, interactions, level))
     return results
 
 
-def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, table: list[dict]) -> str:
+def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, table: list[dict], interactions: dict, level: float) -> str:
     md = f"# depth_scaling\n\n{sizes_line(exp)}; seeds {seeds}; every arm at its own tuned lr.\n\n"
     md += (f"Baselines on every valid token: unigram {baselines['unigram']:.3f}, Kneser-Ney bigram {baselines['bigram_kn']:.3f} nats/token. "
            f"Decision rule (declared in the preset): {exp.decision or {'rule': 'ci_excludes_zero'}}.\n\n")
@@ -66,6 +69,10 @@ def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, 
         rank_rows.append(cells)
     md += markdown_table(["arm", "layers", "erank_tol", "erank_tol of LN(X)", "stable rank", "token cosine", f"erank_tol - {baseline_arm} (CI)",
                           f"LN erank_tol - {baseline_arm} (CI)"], rank_rows)
+    for depth, inter in interactions.items():
+        terms = ", ".join(f"s{s}: {v:+.3f}" for s, v in inter["terms"].items())
+        md += (f"\nInteraction at {depth} layers, {inter['formula']}: per seed {terms or '-'}; "
+               + (f"mean {inter['mean']:+.3f}, {int(level * 100)}% CI {fmt_ci(inter['ci'], n=inter['n'])}: {inter['decision']}.\n" if inter["n"] else "no seed has all four arms.\n"))
     md += "\n![loss](loss_vs_depth.png)\n![difference](diff_vs_depth.png)\n![lr sweeps](lr_sweeps.png)\n![loss vs tokens](loss_vs_tokens.png)\n![loss vs flops](loss_vs_flops.png)\n![loss vs time](loss_vs_seconds.png)\n"
     md += "".join(f"![rank L{d}](erank_tol_by_layer_L{d}.png)\n![LN rank L{d}](ln_erank_tol_by_layer_L{d}.png)\n" for d in sorted({r["depth"] for r in table}))
     return md
