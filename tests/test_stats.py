@@ -93,7 +93,7 @@ def test_interaction_of_a_depth_table() -> None:
             {"arm": "ddl", "per_seed": {0: 3.3, 1: 3.2, 2: 3.1}}, {"arm": "preln", "per_seed": {0: 3.4, 1: 3.3, 2: 3.3}},
             {"arm": "postln", "per_seed": {0: 9.0}}]
     out = interaction_of(rows, "ci_excludes_zero", 0.95)
-    assert out["mean"] == pytest.approx(-0.2 / 3) and out["decision"] == "undetermined" and out["formula"].startswith("I_s = L_mgt")
+    assert out["mean"] == pytest.approx(-0.2 / 3) and out["decision"] == out["verdict"] == "undetermined" and out["formula"].startswith("I_s = L_mgt")
     assert interaction_of(rows[1:], "ci_excludes_zero", 0.95) is None
 
 

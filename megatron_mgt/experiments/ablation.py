@@ -53,7 +53,7 @@ def run(exp: Experiment) -> dict:
           r.get("decision", "-"), r["erank_tol_last"], r["collapsed_last"], r["seeds"], r["label"]] for r in table],
     )
     md += (f"\nInteraction {inter['formula']}: per seed " + ", ".join(f"s{s}: {v:+.3f}" for s, v in inter["terms"].items())
-           + f"; mean {inter['mean']:+.3f}, {int(level * 100)}% CI {fmt_ci(inter['ci'])}: {inter['decision']} under {rule}.\n")
+           + f"; mean {inter['mean']:+.3f}, {int(level * 100)}% CI {fmt_ci(inter['ci'])}: {inter['verdict']} under {rule}.\n")
     md += "\n![train loss](train_loss.png)\n![erank](erank_by_layer.png)\n"
     results = {"depth": depth, "seeds": seeds, "baselines": baselines, "lr_sweeps": sweeps, "table": table, "interaction": inter, "runs": runs,
                "decision_rule": {"rule": rule, "rule_text": inter["rule_text"], "level": level, "baseline": baseline_arm}}

@@ -247,8 +247,10 @@ def interaction_of(table: list[dict], rule: str, level: float) -> dict | None:
     losses = {row["arm"]: row["per_seed"] for row in table}
     if not all(a in losses for a in ("mgt", "mhc", "ddl", "preln")):
         return None
-    inter = interaction(*(losses[a] for a in ("mgt", "mhc", "ddl", "preln")), level=level)
-    return {**inter, **decide(inter, rule), "formula": INTERACTION_FORMULA}
+    inter = {**interaction(*(losses[a] for a in ("mgt", "mhc", "ddl", "preln")), level=level), "formula": INTERACTION_FORMULA}
+    inter.update(decide(inter, rule))  # on I, "win" (interval below 0) is superadditive, "loss" subadditive
+    inter["verdict"] = {"win": "superadditive", "loss": "subadditive"}.get(inter["decision"], "undetermined")
+    return inter
 
 
 RANK_KEYS = ("erank_tol_last", "ln_erank_tol_last", "stable_rank_last", "token_cosine_last", "collapsed_last", "epochs", "distance_from_init")

@@ -72,7 +72,7 @@ def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, 
     for depth, inter in interactions.items():
         terms = ", ".join(f"s{s}: {v:+.3f}" for s, v in inter["terms"].items())
         md += (f"\nInteraction at {depth} layers, {inter['formula']}: per seed {terms or '-'}; "
-               + (f"mean {inter['mean']:+.3f}, {int(level * 100)}% CI {fmt_ci(inter['ci'], n=inter['n'])}: {inter['decision']}.\n" if inter["n"] else "no seed has all four arms.\n"))
+               + (f"mean {inter['mean']:+.3f}, {int(level * 100)}% CI {fmt_ci(inter['ci'], n=inter['n'])}: {inter['verdict']}.\n" if inter["n"] else "no seed has all four arms.\n"))
     md += "\n![loss](loss_vs_depth.png)\n![difference](diff_vs_depth.png)\n![lr sweeps](lr_sweeps.png)\n![loss vs tokens](loss_vs_tokens.png)\n![loss vs flops](loss_vs_flops.png)\n![loss vs time](loss_vs_seconds.png)\n"
     md += "".join(f"![rank L{d}](erank_tol_by_layer_L{d}.png)\n![LN rank L{d}](ln_erank_tol_by_layer_L{d}.png)\n" for d in sorted({r["depth"] for r in table}))
     return md
