@@ -277,13 +277,14 @@ def read_yaml(path: Path, _chain: tuple[Path, ...] = ()) -> dict:
     if parent is None:
         return data
     base = read_yaml(path.parent / parent, _chain + (path,))
-    return _deep_update(base, data)
+    return deep_update(base, data)
 
 
-def _deep_update(base: dict, new: dict) -> dict:
+def deep_update(base: dict, new: dict) -> dict:
+    """`new` merged into `base` in place, nested dicts key by key (an override of one nested key keeps its siblings)."""
     for key, value in new.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _deep_update(base[key], value)
+            deep_update(base[key], value)
         else:
             base[key] = value
     return base

@@ -26,7 +26,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,7 @@ import yaml
 from tqdm import tqdm
 
 from megatron_mgt.checkpoint import complete_checkpoints, find_checkpoint
-from megatron_mgt.config import Config, ConfigError, derive, merge, override_text, parse_override, read_yaml, to_dict, validate
+from megatron_mgt.config import Config, ConfigError, deep_update, derive, merge, override_text, parse_override, read_yaml, to_dict, validate
 from megatron_mgt.data.indexed import IndexedDataset
 from megatron_mgt.data.loader import eval_batches
 from megatron_mgt.engine.dist import resolve_device
@@ -98,7 +98,7 @@ def load_experiment(
     run_overrides = [override_text(k, v) for k, v in (spec.get("overrides") or {}).items()]
     for text in list(run_overrides) + list(overrides):
         if text.startswith("grid."):
-            _merge_into(grid, parse_override(text)["grid"])
+            deep_update(grid, parse_override(text)["grid"])  # grid.tuning.points=6 keeps the other tuning keys
         else:
             merge(cfg, parse_override(text))
     validate(cfg)
@@ -111,16 +111,6 @@ def load_experiment(
         decision=dict(spec.get("decision") or {}),
         archive=Path(spec["archive"]) if spec.get("archive") else None,
     )
-
-
-def _merge_into(target: dict, update: Mapping) -> None:
-    """Nested merge: `grid.tuning.points=6` changes that key and keeps the preset's other tuning keys."""
-    for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(target.get(key), Mapping):
-            target[key] = dict(target[key])
-            _merge_into(target[key], value)
-        else:
-            target[key] = value
 
 
 def variants_for(requested: Iterable[str]) -> list[str]:
