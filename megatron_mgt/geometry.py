@@ -15,6 +15,8 @@ from torch import Tensor
 from megatron_mgt.model.transformer import Transformer, capture_geometry
 from megatron_mgt.stats import t_interval
 
+RANK_REL_TOL = 1e-4  # erank_tol, stable rank, participation ratio: singular values <= RANK_REL_TOL * s_max are dropped
+
 _F64 = torch.float64
 _QUANTILES = {"q05": 0.05, "q25": 0.25, "q50": 0.50, "q75": 0.75, "q95": 0.95}
 
@@ -301,7 +303,7 @@ def _participation_ratio_of(s: Tensor, k: int) -> Tensor:
     return torch.where(quartic > 0, ratio, torch.zeros_like(quartic))
 
 
-def effective_rank_tol(x: Tensor, center: bool, rel_tol: float = 1e-4) -> Tensor:
+def effective_rank_tol(x: Tensor, center: bool, rel_tol: float = RANK_REL_TOL) -> Tensor:
     """Normalised effective rank exp(-sum_i p_i log p_i) / min(T, d), p_i = s_i / sum_j s_j, in [0, 1].
 
     Unlike effective_rank, singular values s_i <= rel_tol * s_max(X) are dropped (s_max of
@@ -312,7 +314,7 @@ def effective_rank_tol(x: Tensor, center: bool, rel_tol: float = 1e-4) -> Tensor
     return _erank_of(s, min(x.shape[-2:]))
 
 
-def stable_rank(x: Tensor, center: bool, rel_tol: float = 1e-4) -> Tensor:
+def stable_rank(x: Tensor, center: bool, rel_tol: float = RANK_REL_TOL) -> Tensor:
     """Normalised stable rank |X|_F^2 / s_max^2 / min(T, d) = (sum_i s_i^2) / s_1^2 / min(T, d), in (0, 1].
 
     Over the spectrum kept by effective_rank_tol's rule (which changes |X|_F^2 by at most a
@@ -322,7 +324,7 @@ def stable_rank(x: Tensor, center: bool, rel_tol: float = 1e-4) -> Tensor:
     return _stable_rank_of(s, min(x.shape[-2:]))
 
 
-def participation_ratio(x: Tensor, center: bool, rel_tol: float = 1e-4) -> Tensor:
+def participation_ratio(x: Tensor, center: bool, rel_tol: float = RANK_REL_TOL) -> Tensor:
     """Normalised participation ratio (sum_i s_i^2)^2 / (sum_i s_i^4) / min(T, d), in (0, 1].
 
     Over the spectrum kept by effective_rank_tol's rule; 0 when nothing is kept. Returns [...].
@@ -359,7 +361,7 @@ def _window_metrics(x: Tensor, center: bool, rel_tol: float) -> dict[str, Tensor
 def rank_profile(
     hidden: list[Tensor],
     center: bool = True,
-    rel_tol: float = 1e-4,
+    rel_tol: float = RANK_REL_TOL,
     collapse_cosine: float = 0.99,
     collapse_residual: float = 1e-3,
     level: float = 0.95,
@@ -399,7 +401,7 @@ def rank_profile(
     }
 
 
-def gaussian_reference(T: int, d: int, center: bool = True, samples: int = 16, seed: int = 0, rel_tol: float = 1e-4) -> dict:
+def gaussian_reference(T: int, d: int, center: bool = True, samples: int = 16, seed: int = 0, rel_tol: float = RANK_REL_TOL) -> dict:
     """Means over `samples` iid N(0, 1) float64 matrices of shape [T, d] (torch generator seeded with seed)
     of every _window_metrics metric: the no-structure reference line of a rank profile.
 

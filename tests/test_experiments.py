@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import yaml
@@ -234,6 +235,28 @@ def test_shipped_presets_load():
             assert load_experiment(step["experiment"], step["preset"], step["overrides"]).grid
 
 
+def test_decision_block_checked_at_load(tmp_path):
+    """A bad decision block is a ConfigError naming the preset and the key, before anything
+    trains; a good one gives the rule and level every runner reports with."""
+    from megatron_mgt.config import ConfigError
+    from megatron_mgt.experiments.common import load_experiment
+    from megatron_mgt.experiments.report import ci_label
+
+    base = Path("configs/experiments/depth_scaling_cpu.yaml").resolve()
+    spec = yaml.safe_load(base.read_text())
+    spec["base"] = str(base.parent / spec["base"])
+    preset = tmp_path / "p.yaml"
+    for decision, message in (({"level": 95}, r"decision.level=95 must be a number in \(0, 1\)"), ({"level": "high"}, "decision.level='high'"),
+                              ({"rule": "p_below_0.05"}, "decision.rule='p_below_0.05' is not a known rule"), ({"alpha": 0.05}, r"unknown decision keys \['alpha'\]")):
+        preset.write_text(yaml.safe_dump({**spec, "decision": decision}))
+        with pytest.raises(ConfigError, match=message) as err:
+            load_experiment("depth_scaling", preset)
+        assert str(preset) in str(err.value)
+    preset.write_text(yaml.safe_dump({**spec, "decision": {"level": 0.9}}))
+    exp = load_experiment("depth_scaling", preset)
+    assert (exp.rule, exp.level, ci_label(exp.level)) == ("ci_excludes_zero", 0.9, "90% CI")
+
+
 def test_campaign_runs_its_steps_in_order(micro, capsys):
     from megatron_mgt.config import ConfigError
     from megatron_mgt.experiments.cli import run_campaign
@@ -360,7 +383,7 @@ def test_a_runner_skips_a_sweep_point_another_holds_and_waits_only_at_the_end(mi
     assert (pool / held / "eval" / "eval.json").is_file()  # trained by this runner once released
 
 
-def test_status_lists_what_a_rerun_would_train(micro, tmp_path, monkeypatch):
+def test_status_lists_what_a_rerun_would_train(micro, tmp_path, monkeypatch, capsys):
     """--status walks the grid in report-only mode: an open sweep before any run, nothing
     after the experiment ran, and a run whose lock another runner holds as running."""
     import fcntl
@@ -374,7 +397,10 @@ def test_status_lists_what_a_rerun_would_train(micro, tmp_path, monkeypatch):
     preset = write_preset("depth_scaling", {"variants": ["preln"], "depths": [1], "seeds": [1, 2], "tuning": TUNING})
     steps = [{"experiment": "depth_scaling", "preset": str(preset), "overrides": []}]
     pool = tmp_path / "pool"
+    capsys.readouterr()
     before = grid_status(steps, pool=pool)
+    walked = capsys.readouterr()
+    assert "run/s" not in walked.err and "not finished" not in walked.err + walked.out and common.QUIET is False  # the summary alone
     assert "4 runs to train (0 running); sweeps still open: preln@1" in before and "no estimate" in before  # the initial grid's 4 points; seed 2 waits on the sweep
     assert "at least" in before and not list(pool.glob("*/metrics.jsonl")) and common.REPORT_ONLY is False  # nothing trained
     run_experiment("depth_scaling", preset, pool=pool, out=tmp_path / "out")

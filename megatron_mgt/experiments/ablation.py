@@ -20,7 +20,7 @@ from megatron_mgt import plots
 from megatron_mgt.config import ConfigError
 from megatron_mgt.experiments.arms import arms_for, baselines_for, compare_arms, interaction_of, tuned_runs, tuning_settings
 from megatron_mgt.experiments.common import Experiment, record_dir, train_curve
-from megatron_mgt.experiments.report import fmt_ci, fmt_lr, markdown_table, sizes_line, write_results
+from megatron_mgt.experiments.report import ci_label, fmt_ci, fmt_lr, markdown_table, sizes_line, write_results
 
 CORE = ("preln", "mhc", "ddl", "mgt")
 
@@ -32,7 +32,7 @@ def run(exp: Experiment) -> dict:
     depth = int(g.get("depth", exp.base.model.n_layers))
     seeds = [int(s) for s in g.get("seeds", [exp.base.train.seed])]
     baseline_arm = g.get("baseline", "preln")
-    rule, level = exp.decision.get("rule", "ci_excludes_zero"), float(exp.decision.get("level", 0.95))
+    rule, level = exp.rule, exp.level
     baselines = baselines_for(exp.base)
     sweeps, runs = tuned_runs(exp, arms, depth, seeds, tuning_settings(g), "ablation")
     table = compare_arms(runs, arms, depth, baseline_arm, baselines, rule, level, sweeps)
@@ -48,12 +48,12 @@ def run(exp: Experiment) -> dict:
     md = f"# ablation\n\n{sizes_line(exp)}; {depth} layers; seeds {seeds}; every arm at its own tuned lr.\n\n"
     md += f"Baselines on every valid token: unigram {baselines['unigram']:.3f}, Kneser-Ney bigram {baselines['bigram_kn']:.3f} nats/token.\n\n"
     md += markdown_table(
-        ["arm", "lr", "valid loss", "95% CI", f"- {baseline_arm}", "paired CI", "decision", "erank_tol last", "collapsed", "seeds", "note"],
+        ["arm", "lr", "valid loss", ci_label(level), f"- {baseline_arm}", "paired CI", "decision", "erank_tol last", "collapsed", "seeds", "note"],
         [[r["arm"], fmt_lr(r["lr"]), r["valid_loss"], fmt_ci(r["valid_loss_ci"], signed=False), (r.get("diff_vs_baseline") or {}).get("mean"), fmt_ci((r.get("diff_vs_baseline") or {}).get("ci")),
           r.get("decision", "-"), r["erank_tol_last"], r["collapsed_last"], r["seeds"], r["label"]] for r in table],
     )
     md += (f"\nInteraction {inter['formula']}: per seed " + ", ".join(f"s{s}: {v:+.3f}" for s, v in inter["terms"].items())
-           + f"; mean {inter['mean']:+.3f}, {int(level * 100)}% CI {fmt_ci(inter['ci'])}: {inter['verdict']} under {rule}.\n")
+           + f"; mean {inter['mean']:+.3f}, {ci_label(level)} {fmt_ci(inter['ci'])}: {inter['verdict']} under {rule}.\n")
     md += "\n![train loss](train_loss.png)\n![erank](erank_by_layer.png)\n"
     results = {"depth": depth, "seeds": seeds, "baselines": baselines, "lr_sweeps": sweeps, "table": table, "interaction": inter, "runs": runs,
                "decision_rule": {"rule": rule, "rule_text": inter["rule_text"], "level": level, "baseline": baseline_arm}}

@@ -21,7 +21,7 @@ import math
 from megatron_mgt import plots
 from megatron_mgt.experiments.arms import tuned_runs, tuned_specs, tuning_settings
 from megatron_mgt.experiments.common import Experiment, read_json, run_grid, variants_for
-from megatron_mgt.experiments.report import fmt_estimate, fmt_lr, markdown_table, sizes_line, write_results
+from megatron_mgt.experiments.report import ci_label, fmt_estimate, fmt_lr, markdown_table, sizes_line, write_results
 from megatron_mgt.stats import decide, spearman, t_interval
 
 STAT_KEYS = ("frac_negative_all", "frac_negative_shallow_third", "frac_negative_deep_third", "deep_minus_shallow", "spearman_negfrac_depth",
@@ -67,7 +67,7 @@ def run(exp: Experiment) -> dict:
     depths = [int(d) for d in g.get("depths", [exp.base.model.n_layers])]
     seeds = [int(s) for s in g.get("seeds", [exp.base.train.seed])]
     tuning = tuning_settings(g)
-    rule, level = exp.decision.get("rule", "ci_excludes_zero"), float(exp.decision.get("level", 0.95))
+    rule, level = exp.rule, exp.level
     out = exp.out
     out.mkdir(parents=True, exist_ok=True)
     runs, scatter, rows, sweeps = [], {}, [], {}
@@ -97,7 +97,7 @@ def run(exp: Experiment) -> dict:
     plots.plot_scatter(scatter, out / "negfrac_vs_erank.png", "per layer, after training: fraction of beta < 0 vs erank of the layer output",
                        "fraction of beta < 0 (attn+mlp mean)", "erank(X_{l+1}) / min(T, d)")
     md = (f"# beta_distribution\n\n{sizes_line(exp)}; depths {depths}; seeds {seeds}; every arm at its own tuned lr. Beta on the probe batch "
-          f"after training; Spearman over layers; mean over seeds with the {int(level * 100)}% t interval. Decision on D = deep third - shallow "
+          f"after training; Spearman over layers; mean over seeds with the t interval ({ci_label(level)}). Decision on D = deep third - shallow "
           f"third of the fraction of beta < 0 under {rule}: 'deeper' if its interval lies above 0.\n\n")
     md += markdown_table(["variant", "layers", "lr", "frac beta<0 (all)", "shallow third", "deep third", "D = deep - shallow (CI)", "decision",
                           "rho(neg, depth)", "rho(neg, erank out) (CI)", "rho(neg, erank change) (CI)", "rho(mean beta, erank out)", "beta min", "beta max", "seeds"],

@@ -23,6 +23,7 @@ import argparse
 import importlib
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import yaml
@@ -89,17 +90,18 @@ def run_campaign(preset: str, overrides=()) -> list[dict]:
 def grid_status(steps: list[dict], overrides=(), pool=None, workers: int = 1) -> str:
     """status.summary of the runs `steps` still need: each step walked in report-only mode,
     its reports written to a throwaway directory."""
-    was, common.REPORT_ONLY = common.REPORT_ONLY, True
+    was, common.REPORT_ONLY, common.QUIET = common.REPORT_ONLY, True, True
     collected = []
     try:
-        with tempfile.TemporaryDirectory(prefix="mgt-status-") as scratch:
+        with tempfile.TemporaryDirectory(prefix="mgt-status-") as scratch, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the throwaway reports' plotting warnings are not the status
             for i, step in enumerate(steps):
                 common.NOT_FINISHED.clear()
                 common.OPEN_SWEEPS.clear()
                 run_experiment(step["experiment"], step["preset"], [*step["overrides"], *overrides], out=Path(scratch) / str(i), pool=pool)
                 collected.append((f"step {i + 1}/{len(steps)} {step['experiment']} {step['overrides']}", dict(common.NOT_FINISHED), list(common.OPEN_SWEEPS)))
     finally:
-        common.REPORT_ONLY = was
+        common.REPORT_ONLY, common.QUIET = was, False
     exp = load_experiment(steps[0]["experiment"], steps[0]["preset"], [*steps[0]["overrides"], *overrides], pool=pool)
     return status.summary(collected, exp.pool, exp.archive, workers)
 

@@ -46,6 +46,7 @@ from megatron_mgt.geometry import geometry_snapshot, rank_profile
 from megatron_mgt.metrics import read_metrics
 from megatron_mgt.model import Transformer, capture_geometry, lm_loss
 from megatron_mgt.model.residual import RESIDUAL_RULES
+from megatron_mgt.stats import DECISION_RULES
 from megatron_mgt.train import TrainingDiverged, heldout_loss, train
 
 PAPER_VARIANTS = ("preln", "postln", "deepnorm", "mhc", "ddl", "mgt")
@@ -75,6 +76,16 @@ class Experiment:
     decision: dict = field(default_factory=dict)  # the decision rule, fixed in the preset before any run
     archive: Path | None = None  # finished runs' records in the repo (archive_run)
 
+    @property
+    def rule(self) -> str:
+        """The declared decision rule (stats.DECISION_RULES), default ci_excludes_zero."""
+        return self.decision.get("rule", "ci_excludes_zero")
+
+    @property
+    def level(self) -> float:
+        """The confidence level of every interval the runners report, default 0.95."""
+        return float(self.decision.get("level", 0.95))
+
 
 def load_experiment(
     name: str, preset: str | Path, overrides: Sequence[str] = (), out: str | Path | None = None, pool: str | Path | None = None
@@ -102,15 +113,31 @@ def load_experiment(
         else:
             merge(cfg, parse_override(text))
     validate(cfg)
+    decision = dict(spec.get("decision") or {})
+    check_decision(decision, path)
     return Experiment(
         name=name,
         base=cfg,
         out=Path(out or spec.get("out") or f"runs/experiments/{name}"),
         pool=Path(pool or spec.get("pool") or "runs/pool"),
         grid=grid,
-        decision=dict(spec.get("decision") or {}),
+        decision=decision,
         archive=Path(spec["archive"]) if spec.get("archive") else None,
     )
+
+
+def check_decision(decision: dict, path: Path) -> None:
+    """The preset's decision block: keys rule (stats.DECISION_RULES) and level in (0, 1);
+    checked at load, before anything trains."""
+    unknown = set(decision) - {"rule", "level"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown decision keys {sorted(unknown)} (allowed: rule, level)")
+    rule = decision.get("rule", "ci_excludes_zero")
+    if rule not in DECISION_RULES:
+        raise ConfigError(f"{path}: decision.rule={rule!r} is not a known rule ({', '.join(sorted(DECISION_RULES))})")
+    level = decision.get("level", 0.95)
+    if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
+        raise ConfigError(f"{path}: decision.level={level!r} must be a number in (0, 1), e.g. 0.95")
 
 
 def variants_for(requested: Iterable[str]) -> list[str]:
@@ -352,6 +379,7 @@ def train_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 
 REPORT_ONLY = False  # set by `mgt-experiment --report-only`: tabulate finished runs, train nothing
+QUIET = False  # set by `mgt-experiment --status`: no progress bars or per-run notes (its summary says it all)
 # set by `mgt-experiment --deadline` (status.deadline_gate): may_start(name, cfg, run_dir, evolution) -> False
 # leaves a run's remaining work (training, evaluation, evolution) undone, as report-only would
 START_GATE: Callable[[str, Config, Path, bool], bool] | None = None
@@ -365,7 +393,7 @@ def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evoluti
     several runners (the tasks of slurm/experiment.sh) split a grid between them. In
     report-only mode, runs that are not finished are left out (with a note)."""
     outcomes: dict[int, RunOutcome] = {}
-    bar = tqdm(total=len(specs), desc=desc, unit="run", dynamic_ncols=True)
+    bar = tqdm(total=len(specs), desc=desc, unit="run", dynamic_ncols=True, disable=QUIET)
     for wait in (False, True):
         for i, (cfg, tag) in enumerate(specs):
             if i in outcomes:
@@ -381,7 +409,8 @@ def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evoluti
         if outcomes[i].status == "missing":
             o = outcomes[i]
             NOT_FINISHED[o.name] = (o.arm, o.cfg.model.n_layers, o.cfg.train.max_steps)
-            tqdm.write(f"[{desc}] {outcomes[i].name}: not finished, left out (report-only or past --deadline)")
+            if not QUIET:
+                tqdm.write(f"[{desc}] {outcomes[i].name}: not finished, left out (report-only or past --deadline)")
         else:
             kept.append(outcomes[i])
     return kept

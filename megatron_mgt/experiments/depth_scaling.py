@@ -19,7 +19,8 @@ from __future__ import annotations
 from megatron_mgt import plots
 from megatron_mgt.experiments.arms import arms_for, baselines_for, compare_arms, interaction_of, tuned_runs, tuning_settings
 from megatron_mgt.experiments.common import Experiment
-from megatron_mgt.experiments.report import fmt_ci, fmt_estimate, fmt_lr, markdown_table, sizes_line, write_results
+from megatron_mgt.experiments.report import ci_label, fmt_ci, fmt_estimate, fmt_lr, markdown_table, sizes_line, write_results
+from megatron_mgt.geometry import RANK_REL_TOL
 from megatron_mgt.stats import decide
 
 
@@ -30,15 +31,14 @@ def run(exp: Experiment) -> dict:
     seeds = [int(s) for s in g.get("seeds", [exp.base.train.seed])]
     baseline_arm = g.get("baseline", "preln")
     tuning = tuning_settings(g)
-    rule = exp.decision.get("rule", "ci_excludes_zero")
-    level = float(exp.decision.get("level", 0.95))
+    rule, level = exp.rule, exp.level
     baselines = baselines_for(exp.base)
     sweeps, runs, table = {}, [], []
     for depth in depths:  # depth-major: an interrupted campaign has complete depths
         sweeps[depth], mine = tuned_runs(exp, arms, depth, seeds, tuning, f"depth_scaling L{depth}")
         runs += mine
         table += compare_arms(mine, arms, depth, baseline_arm, baselines, rule, level, sweeps[depth])
-    write_plots(exp, arms, depths, table, sweeps, runs, baselines, baseline_arm)
+    write_plots(exp, arms, depths, table, sweeps, runs, baselines, baseline_arm, level)
     # prediction 3 at every depth where the 2 x 2 arms ran (the declared ablation is its own experiment)
     interactions = {str(d): i for d in depths if (i := interaction_of([r for r in table if r["depth"] == d], rule, level)) is not None}
     results = {"decision_rule": {"rule": rule, "rule_text": decide({"ci": [0, 0]}, rule)["rule_text"], "level": level, "baseline": baseline_arm},
@@ -58,9 +58,10 @@ def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, 
         rows.append([r["arm"], r["depth"], fmt_lr(r["lr"]), r["valid_loss"], fmt_ci(r["valid_loss_ci"], signed=False, n=r["seeds"]),
                      d["mean"] if d else None, fmt_ci(d["ci"], n=d["n"]) if d else "-", r.get("decision", "-") if r["seeds"] else "-",
                      r["erank_tol_last"], r["ln_erank_tol_last"], r["collapsed_last"], r["seeds"], r["diverged"], r["label"]])
-    md += markdown_table(["arm", "layers", "lr", "valid loss", "95% CI", f"- {baseline_arm}", "paired CI", "decision",
+    md += markdown_table(["arm", "layers", "lr", "valid loss", ci_label(level), f"- {baseline_arm}", "paired CI", "decision",
                           "erank_tol last", "erank_tol LN last", "collapsed", "seeds", "diverged", "note"], rows)
-    md += f"\n\nLast-layer rank after training (64 probe windows; erank_tol: singular values below 1e-4 s_max dropped), seed-paired against {baseline_arm}:\n\n"
+    md += (f"\n\nLast-layer rank after training ({exp.base.eval.rank_windows} probe windows; erank_tol: singular values below {RANK_REL_TOL:g} s_max dropped)"
+           f", seed-paired against {baseline_arm}:\n\n")
     rank_rows = []
     for r in table:
         cells = [r["arm"], r["depth"], r["erank_tol_last"], r["ln_erank_tol_last"], r["stable_rank_last"], r["token_cosine_last"]]
@@ -72,7 +73,7 @@ def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, 
     for depth, inter in interactions.items():
         terms = ", ".join(f"s{s}: {v:+.3f}" for s, v in inter["terms"].items())
         md += (f"\nInteraction at {depth} layers, {inter['formula']}: per seed {terms or '-'}; "
-               + (f"mean {inter['mean']:+.3f}, {int(level * 100)}% CI {fmt_ci(inter['ci'], n=inter['n'])}: {inter['verdict']}.\n" if inter["n"] else "no seed has all four arms.\n"))
+               + (f"mean {inter['mean']:+.3f}, {ci_label(level)} {fmt_ci(inter['ci'], n=inter['n'])}: {inter['verdict']}.\n" if inter["n"] else "no seed has all four arms.\n"))
     md += "\n![loss](loss_vs_depth.png)\n![difference](diff_vs_depth.png)\n![lr sweeps](lr_sweeps.png)\n![loss vs tokens](loss_vs_tokens.png)\n![loss vs flops](loss_vs_flops.png)\n![loss vs time](loss_vs_seconds.png)\n"
     md += "".join(f"![rank L{d}](erank_tol_by_layer_L{d}.png)\n![LN rank L{d}](ln_erank_tol_by_layer_L{d}.png)\n" for d in sorted({r["depth"] for r in table}))
     return md
@@ -82,17 +83,17 @@ def _half_width(ci) -> float:
     return (ci[1] - ci[0]) / 2
 
 
-def write_plots(exp, arms, depths, table, sweeps, runs, baselines, baseline_arm: str) -> None:
+def write_plots(exp, arms, depths, table, sweeps, runs, baselines, baseline_arm: str, level: float) -> None:
     out = exp.out
     out.mkdir(parents=True, exist_ok=True)
     series = {a: [(r["depth"], r["valid_loss"], _half_width(r["valid_loss_ci"])) for r in table if r["arm"] == a] for a in arms}
     series["bigram (KN)"] = [(d, baselines["bigram_kn"], 0.0) for d in depths]
-    plots.plot_series_vs_x(series, out / "loss_vs_depth.png", "held-out loss vs depth (tuned lr, 95% seed CI)", "layers", "valid loss (nats/token)", logx=True, xticks=depths)
+    plots.plot_series_vs_x(series, out / "loss_vs_depth.png", f"held-out loss vs depth (tuned lr, seed {ci_label(level)})", "layers", "valid loss (nats/token)", logx=True, xticks=depths)
     # prediction 2 across depth: the seed-paired difference against the baseline (2+ seeds), 0 = no difference
     diffs = {a: [(r["depth"], r["diff_vs_baseline"]["mean"], _half_width(r["diff_vs_baseline"]["ci"])) for r in table
                  if r["arm"] == a and r.get("diff_vs_baseline") and r["diff_vs_baseline"]["n"] >= 2] for a in arms if a != baseline_arm}
     diffs[f"{baseline_arm} (0)"] = [(d, 0.0, 0.0) for d in depths]
-    plots.plot_series_vs_x(diffs, out / "diff_vs_depth.png", f"valid loss - {baseline_arm}, seed-paired (95% t CI)", "layers", f"loss - {baseline_arm} (nats/token)", logx=True, xticks=depths)
+    plots.plot_series_vs_x(diffs, out / "diff_vs_depth.png", f"valid loss - {baseline_arm}, seed-paired (t {ci_label(level)})", "layers", f"loss - {baseline_arm} (nats/token)", logx=True, xticks=depths)
     curves = {f"{a} L{d}": {lr: loss for lr, loss in sweeps[d][a]["results"]} for d in depths for a in arms}
     plots.plot_lr_sweep(curves, {f"{a} L{d}": sweeps[d][a]["lr"] for d in depths for a in arms if sweeps[d][a]["lr"]}, out / "lr_sweeps.png", "lr sweeps")
     first = [r for r in runs if r["seed"] == runs[0]["seed"]] if runs else []

@@ -47,7 +47,7 @@ def run(exp: Experiment) -> dict:
     depths = [int(d) for d in g.get("depths", [exp.base.model.n_layers])]
     seeds = [int(s) for s in g.get("seeds", [exp.base.train.seed])]
     tuning = tuning_settings(g)
-    level = float(exp.decision.get("level", 0.95))
+    level = exp.level
     steps = exp.base.train.max_steps
     every = int(g.get("checkpoint_every", max(1, steps // 10)))
     if not 0 < every <= steps:

@@ -30,6 +30,11 @@ def fmt_ci(ci, signed: bool = True, n: int | None = None) -> str:
     return f"[{ci[0]:{sign}.3f}, {ci[1]:{sign}.3f}]"
 
 
+def ci_label(level: float) -> str:
+    """The name of an interval at this confidence level: 0.95 -> '95% CI', 0.975 -> '97.5% CI'."""
+    return f"{round(level * 100, 6):g}% CI"
+
+
 def fmt_estimate(t: dict | None) -> str:
     """'mean [lo, hi]' of a {mean, ci} record (signed); '-' without a finite mean."""
     return f"{t['mean']:+.3f} {fmt_ci(t['ci'])}" if t and math.isfinite(t["mean"]) else "-"
