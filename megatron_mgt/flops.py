@@ -98,17 +98,20 @@ def cpu_peak_cache() -> Path | None:
     return Path(base) / "megatron_mgt" / "cpu_peak.json"
 
 
-def _cpu_key() -> str:
-    """This machine's CPU, thread count and torch: what a remembered peak is valid for."""
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """This machine's CPU model (/proc/cpuinfo's model name, else platform's processor or machine)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{model} | {os.cpu_count()} cpus | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    return platform.processor() or platform.machine()
+
+
+def _cpu_key() -> str:
+    """This machine's CPU, thread count and torch: what a remembered peak is valid for."""
+    return f"{cpu_model()} | {os.cpu_count()} cpus | {torch.get_num_threads()} threads | torch {torch.__version__}"
 
 
 def _read_peaks(cache: Path) -> dict[str, float]:

@@ -130,6 +130,9 @@ def test_interrupted_run_resumes(micro):
         ensure_run(derive(cfg, {"train.exit_at_step": 5}), pool)
     first_segment = json.loads((run_dir / "run_info.json").read_text())["wall_seconds"]
     assert first_segment > 0 and "tokens" not in json.loads((run_dir / "run_info.json").read_text())
+    from megatron_mgt.flops import cpu_model
+
+    assert json.loads((run_dir / "run_info.json").read_text())["cpu"] == cpu_model() != ""  # which machine the wall was timed on
     run_experiment("depth_scaling", preset)
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum(e.get("event") == "resumed" for e in events) == 2
@@ -443,6 +446,19 @@ def test_deadline_gate_starts_only_runs_that_end_in_time(micro, tmp_path, monkey
     assert not status.deadline_gate(1000 + half_need - 1, clock=lambda: 1000.0)("preln_L8_s2_dddddd", micro_cfg, half)
     unknown = status.deadline_gate(1000.0, clock=lambda: 999.0)  # no estimate for mgt: starts only before the deadline
     assert unknown("mgt_L8_s1_eeeeee", cfg, fresh) and not status.deadline_gate(1000.0, clock=lambda: 1000.0)("mgt_L8_s1_eeeeee", cfg, fresh)
+
+    # walls timed on this CPU model win over other machines' where there are any; runs without a cpu are another machine's
+    (archive / "preln_L4_s3_eeeeee" / "eval").mkdir(parents=True)
+    (archive / "preln_L4_s3_eeeeee" / "eval" / "eval.json").write_text("{}")
+    (archive / "preln_L4_s3_eeeeee" / "run_info.json").write_text(json.dumps({"wall_seconds": 300.0, "cpu": "Test CPU"}))
+    assert sorted(status.finished_walls([archive])[("preln", 4)]) == [300.0, 500.0, 700.0]
+    assert status.finished_walls([archive], "Test CPU")[("preln", 4)] == [300.0]
+    assert sorted(status.finished_walls([archive], "Other CPU")[("preln", 4)]) == [300.0, 500.0, 700.0]  # none timed here: all of them
+    monkeypatch.setattr(status, "cpu_model", lambda: "Test CPU")
+    assert status.deadline_gate(1000 + 600.0 * status.EVAL_MARGIN, clock=lambda: 1000.0)("preln_L8_s1_cccccc", cfg, fresh)  # 300 s x 8 / 4
+    monkeypatch.undo()
+    monkeypatch.setattr(common, "ARCHIVE", archive)
+    (archive / "preln_L4_s3_eeeeee" / "eval" / "eval.json").unlink()  # the rest of the test: the two walls above
 
     now = dt.datetime(2026, 12, 7, 12, 0)
     assert status.parse_deadline("+90", now) == now.timestamp() + 5400 == status.parse_deadline("+1.5h", now)

@@ -41,7 +41,7 @@ from megatron_mgt.data.loader import eval_batches
 from megatron_mgt.engine.dist import resolve_device
 from megatron_mgt.evaluate import evaluate, load_model, rank_probe
 from megatron_mgt.fileio import write_text_atomic
-from megatron_mgt.flops import flops_per_token, matmul_params
+from megatron_mgt.flops import cpu_model, flops_per_token, matmul_params
 from megatron_mgt.geometry import geometry_snapshot, rank_profile
 from megatron_mgt.metrics import read_metrics
 from megatron_mgt.model import Transformer, capture_geometry, lm_loss
@@ -306,7 +306,7 @@ def ensure_run(
             info = read_json(run_dir / "run_info.json") or {"wall_seconds": 0.0}
 
             def add_wall(**extra) -> None:  # every training segment counts, an interrupted one too
-                info.update(wall_seconds=info["wall_seconds"] + time.monotonic() - t0, **extra)
+                info.update(wall_seconds=info["wall_seconds"] + time.monotonic() - t0, cpu=cpu_model(), **extra)  # cpu: the last segment's
                 write_json(run_dir / "run_info.json", info)
 
             try:

@@ -6,8 +6,9 @@ train next, except that a sweep with an unfinished point hides its edge extensio
 seeds at its chosen lr (named as an open sweep: the count is a lower bound; every point of
 its initial grid is listed). Runs another runner holds are marked
 running with their last logged step. The time estimate is, per run, the median wall time of
-the finished runs of the same arm and depth (archive and pool), else of that arm at the
-nearest finished depth scaled by depth; total / workers. Wall times were measured with the
+the finished runs of the same arm and depth (archive and pool; only those timed on this
+machine's CPU model where there are any), else of that arm at the nearest finished depth
+scaled by depth; total / workers. Wall times were measured with the
 campaign's own concurrency, so they already include its sharing of the cores.
 
 `--deadline` uses the same estimate to size a chunk to a session: a runner starts (or
@@ -31,13 +32,16 @@ from megatron_mgt.checkpoint import find_checkpoint
 from megatron_mgt.config import Config, ConfigError
 from megatron_mgt.experiments import common
 from megatron_mgt.experiments.common import arm_depth
+from megatron_mgt.flops import cpu_model
 from megatron_mgt.metrics import read_metrics
 
 
-def finished_walls(dirs: list[Path]) -> dict[tuple[str, int], list[float]]:
+def finished_walls(dirs: list[Path], cpu: str | None = None) -> dict[tuple[str, int], list[float]]:
     """{(arm, depth): wall seconds of every finished run} under `dirs` (run_info.json + eval/eval.json),
-    each run once (a run in both the pool and the archive is one run)."""
-    walls: dict[tuple[str, int], list[float]] = {}
+    each run once (a run in both the pool and the archive is one run). With `cpu` (flops.cpu_model),
+    an (arm, depth) that has runs timed on that CPU (run_info's "cpu") keeps only those: walls
+    from another machine say little about this one's."""
+    found: dict[tuple[str, int], list[tuple[float, str | None]]] = {}
     seen: set[str] = set()
     for root in dirs:
         if not root.is_dir():
@@ -47,10 +51,11 @@ def finished_walls(dirs: list[Path]) -> dict[tuple[str, int], list[float]]:
             if key and run.name not in seen and info.is_file() and (run / "eval" / "eval.json").is_file():
                 seen.add(run.name)
                 try:
-                    walls.setdefault(key, []).append(float(json.loads(info.read_text())["wall_seconds"]))
-                except (ValueError, KeyError, TypeError):
+                    record = json.loads(info.read_text())
+                    found.setdefault(key, []).append((float(record["wall_seconds"]), record.get("cpu")))
+                except (ValueError, KeyError, TypeError, AttributeError):
                     continue
-    return walls
+    return {key: [w for w, c in timed if cpu is not None and c == cpu] or [w for w, _ in timed] for key, timed in found.items()}
 
 
 def estimate_seconds(arm: str, depth: int, walls: dict[tuple[str, int], list[float]]) -> float | None:
@@ -89,7 +94,7 @@ def running_step(pool: Path, name: str) -> int | None:
 def summary(steps: list[tuple[str, dict[str, tuple[str, int, int]], list[str]]], pool: Path, archive: Path | None, workers: int) -> str:
     """The status text. `steps`: (step title, {run: (arm, depth, max_steps)} not finished, open
     sweeps) in campaign order; a run counts once, at the first step that needs it."""
-    walls = finished_walls([p for p in (archive, pool) if p is not None])
+    walls = finished_walls([p for p in (archive, pool) if p is not None], cpu_model())
     seen: set[str] = set()
     lines, total, unknown, n_todo = [], 0.0, 0, 0
     for title, todo, open_sweeps in steps:
@@ -152,7 +157,7 @@ def deadline_gate(deadline: float, clock: Callable[[], float] = time.time) -> Ca
 
     def may_start(name: str, cfg: Config, run_dir: Path, evolution: bool = False) -> bool:
         key = arm_depth(name)
-        est = estimate_seconds(*key, finished_walls([d for d in (common.ARCHIVE, run_dir.parent) if d is not None])) if key else None
+        est = estimate_seconds(*key, finished_walls([d for d in (common.ARCHIVE, run_dir.parent) if d is not None], cpu_model())) if key else None
         if est is None:
             return clock() < deadline
         done = checkpoint_step(run_dir) / cfg.train.max_steps if cfg.train.max_steps else 0.0
