@@ -113,12 +113,12 @@ def test_archive_lets_a_new_machine_skip_finished_runs(micro, tmp_path):
     assert again["table"][0]["valid_loss"] == results["table"][0]["valid_loss"]
 
 
-def test_interrupted_run_resumes(micro):
+def test_interrupted_run_resumes(micro, capsys):
     write_preset, pool, root = micro
     preset = write_preset("depth_scaling", {"variants": ["preln"], "depths": [3], "seeds": [1]})
     # An interrupted run: trained to step 3 under the pool's naming; the runner resumes it.
     from megatron_mgt.config import derive
-    from megatron_mgt.experiments.common import ensure_run, load_experiment, run_name
+    from megatron_mgt.experiments.common import RunStopped, ensure_run, load_experiment, run_name
     from megatron_mgt.train import train
 
     exp = load_experiment("depth_scaling", preset)
@@ -126,10 +126,12 @@ def test_interrupted_run_resumes(micro):
     run_dir = pool / run_name(cfg)
     train(derive(cfg, {"train.run_dir": str(run_dir), "train.exit_at_step": 3}))
     # a runner's segment that stops early (exit_at_step is volatile: the same run) still records its wall time
-    with pytest.raises(RuntimeError, match="stopped early"):
+    with pytest.raises(RunStopped, match="stopped early"):
         ensure_run(derive(cfg, {"train.exit_at_step": 5}), pool)
     first_segment = json.loads((run_dir / "run_info.json").read_text())["wall_seconds"]
     assert first_segment > 0 and "tokens" not in json.loads((run_dir / "run_info.json").read_text())
+    assert experiment_main(["depth_scaling", "--preset", str(preset), "train.exit_at_step=4"]) == 130  # the CLI: a message, no traceback
+    assert "mgt-experiment: stopped: " in capsys.readouterr().err
     from megatron_mgt.flops import cpu_model
 
     assert json.loads((run_dir / "run_info.json").read_text())["cpu"] == cpu_model() != ""  # which machine the wall was timed on

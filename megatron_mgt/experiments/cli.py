@@ -132,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as err:
         print(f"mgt-experiment: error: {err}", file=sys.stderr)
         return 2
+    except common.RunStopped as err:  # a signal or exit_at_step: nothing lost, the same command resumes
+        print(f"mgt-experiment: stopped: {err}", file=sys.stderr)
+        return 130
     finally:
         common.START_GATE, common.REPORT_ONLY = None, False
     print(f"mgt-experiment: wrote {args.out or 'the preset out dir'}")

@@ -186,6 +186,11 @@ def arm_depth(name: str) -> tuple[str, int] | None:
     return (m["tag"] or m["residual"], int(m["depth"])) if m else None
 
 
+class RunStopped(RuntimeError):
+    """A run's training ended before max_steps (a signal, train.exit_at_step): its checkpoint
+    is saved and the same command resumes it."""
+
+
 @dataclass
 class RunOutcome:
     """One run of a grid, as the runners consume it."""
@@ -320,7 +325,7 @@ def ensure_run(
             else:
                 if result.status != "finished":
                     add_wall()
-                    raise RuntimeError(f"{name}: training stopped early ({result.status}); run the experiment again to resume")
+                    raise RunStopped(f"{name}: training stopped early ({result.status}); run the experiment again to resume")
                 add_wall(tokens=cfg.train.max_steps * tokens_per_step(cfg))
                 evaluate(cfg, run_dir)
         if evolution_left():
