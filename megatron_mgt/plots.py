@@ -38,6 +38,27 @@ def _axes(fig: Figure) -> Axes:
     return ax
 
 
+_LEGEND_INSIDE_MAX = 8  # more series than this: one legend beside the panels, not over the data
+
+
+def _panel_figure(n_panels: int, names: Sequence[str]) -> tuple[Figure, Sequence[Axes], dict[str, dict], bool]:
+    """A figure of n_panels axes side by side on a shared y axis, a style (colour, line style) per
+    series name shared by every panel, and whether the legend goes beside the panels."""
+    n_panels = max(1, n_panels)
+    outside = len(names) > _LEGEND_INSIDE_MAX or n_panels > 1
+    fig = _new_figure((0.6 + 3.6 * n_panels + 2.0, 4.5) if outside else (7.0, 4.5))
+    axes = fig.subplots(1, n_panels, sharey=True, squeeze=False)[0]
+    return fig, axes, dict(zip(names, _CYCLE(), strict=False)), outside  # 20 styles, then repeats
+
+
+def _panel_legend(fig: Figure, ax: Axes, handles: Mapping[str, object], outside: bool) -> None:
+    if handles:
+        if outside:
+            fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=7)
+        else:
+            ax.legend(list(handles.values()), list(handles))
+
+
 def _save_atomic(fig: Figure, path: str | os.PathLike) -> None:
     """Write fig as PNG to path via a temp file in the same directory and os.replace."""
     path = os.fspath(path)
@@ -168,25 +189,43 @@ def plot_series_vs_x(
 ) -> None:
     """One line per series of (x, mean, spread) points, spread drawn as error bars (0 or NaN: none);
     `xticks` labels exactly those x values (e.g. the depths of a log axis)."""
-    fig = _new_figure()
-    ax = _axes(fig)
-    for name, points in series.items():
-        points = sorted(p for p in points if np.isfinite(p[1]))
-        if not points:
-            continue
-        x, y, err = (np.array(v, dtype=float) for v in zip(*points, strict=True))
-        ax.errorbar(x, y, yerr=np.nan_to_num(err), label=name, marker="o", markersize=4, capsize=3, linewidth=1.2)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
-    if xticks:
-        ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
-        ax.minorticks_off()
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend()
+    plot_series_panels({"": series}, path, title, xlabel, ylabel, logx, logy, xticks)
+
+
+def plot_series_panels(
+    panels: Mapping[str, Mapping[str, Sequence[tuple[float, float, float]]]],
+    path: str | os.PathLike,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    logx: bool = False,
+    logy: bool = False,
+    xticks: Sequence[float] | None = None,
+) -> None:
+    """plot_series_vs_x with one panel per key of `panels` (e.g. per depth), side by side on a
+    shared y axis, each series name in the same style in every panel."""
+    fig, axes, style, outside = _panel_figure(len(panels), list(dict.fromkeys(name for series in panels.values() for name in series)))
+    handles: dict[str, object] = {}
+    for ax, (panel, series) in zip(axes, panels.items(), strict=False):
+        for name, points in series.items():
+            points = sorted(p for p in points if np.isfinite(p[1]))
+            if not points:
+                continue
+            x, y, err = (np.array(v, dtype=float) for v in zip(*points, strict=True))
+            handles.setdefault(name, ax.errorbar(x, y, yerr=np.nan_to_num(err), marker="o", markersize=4, capsize=3, linewidth=1.2, **style[name]))
+        if logx:
+            ax.set_xscale("log")
+        if logy:
+            ax.set_yscale("log")
+        if xticks:
+            ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
+            ax.minorticks_off()
+        ax.set(xlabel=xlabel, title=panel or title)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(ylabel)
+    if len(panels) > 1:
+        fig.suptitle(title)
+    _panel_legend(fig, axes[0], handles, outside)
     _save_atomic(fig, path)
 
 
@@ -215,30 +254,37 @@ def plot_scatter(
     _save_atomic(fig, path)
 
 
-def plot_lr_sweep(curves: Mapping[str, Mapping[float, float]], chosen: Mapping[str, float], path: str | os.PathLike, title: str) -> None:
-    """Final loss against lr (log2 axis), one line per variant over its finite points; the chosen lr
-    ringed in the variant's colour; diverged (NaN/inf) points drawn as x above every finite point,
-    one row per variant so coinciding lrs stay visible."""
-    finite = [loss for losses in curves.values() for loss in losses.values() if np.isfinite(loss)]
+def plot_lr_sweep(
+    panels: Mapping[str, Mapping[str, Mapping[float, float]]], chosen: Mapping[str, Mapping[str, float]], path: str | os.PathLike, title: str
+) -> None:
+    """Final loss against lr (log2 axis): one panel per sweep (e.g. per depth), one line per arm
+    over its finite points, an arm in the same style in every panel and one legend beside them;
+    the chosen lr (chosen[panel][arm]) ringed; diverged (NaN/inf) points drawn as x above every
+    finite point, one row per arm so coinciding lrs stay visible."""
+    arms = list(dict.fromkeys(arm for curves in panels.values() for arm in curves))
+    fig, axes, style, outside = _panel_figure(len(panels), arms)
+    finite = [loss for curves in panels.values() for losses in curves.values() for loss in losses.values() if np.isfinite(loss)]
     low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
     span = (high - low) or 1.0
-    fig = _new_figure()
-    ax = _axes(fig)
-    for i, (name, losses) in enumerate(curves.items()):
-        color = f"C{i % 10}"
-        ok = sorted((lr, loss) for lr, loss in losses.items() if np.isfinite(loss))
-        bad = sorted(lr for lr, loss in losses.items() if not np.isfinite(loss))
-        if ok:
-            ax.plot(*zip(*ok, strict=True), label=name, color=color, marker="o", markersize=4, linewidth=1.2)
-        if bad:
-            top = high + (0.06 + 0.04 * i) * span
-            ax.scatter(bad, [top] * len(bad), marker="x", s=50, color=color, label=None if ok else f"{name} (all diverged)", zorder=3)
-        lr = chosen.get(name)
-        if lr is not None and lr in losses and np.isfinite(losses[lr]):
-            ax.scatter([lr], [losses[lr]], s=140, facecolors="none", edgecolors=color, linewidths=1.8, zorder=4)
-    ax.set_xscale("log", base=2)
-    ax.set(xlabel="learning rate", ylabel="final valid loss", title=f"{title} (x: diverged, ring: chosen)")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7)
+    handles: dict[str, object] = {}
+    for ax, (name, curves) in zip(axes, panels.items(), strict=False):
+        for arm, losses in curves.items():
+            color, row = style[arm]["color"], arms.index(arm)
+            ok = sorted((lr, loss) for lr, loss in losses.items() if np.isfinite(loss))
+            bad = sorted(lr for lr, loss in losses.items() if not np.isfinite(loss))
+            if ok:
+                (line,) = ax.plot(*zip(*ok, strict=True), color=color, linestyle=style[arm]["linestyle"], marker="o", markersize=4, linewidth=1.2)
+                handles.setdefault(arm, line)
+            if bad:
+                mark = ax.scatter(bad, [high + (0.06 + 0.04 * row) * span] * len(bad), marker="x", s=50, color=color, zorder=3)
+                handles.setdefault(arm, mark)
+            lr = chosen.get(name, {}).get(arm)
+            if lr is not None and lr in losses and np.isfinite(losses[lr]):
+                ax.scatter([lr], [losses[lr]], s=140, facecolors="none", edgecolors=color, linewidths=1.8, zorder=4)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="learning rate", title=name)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final valid loss")
+    fig.suptitle(f"{title} (x: diverged, ring: chosen)")
+    _panel_legend(fig, axes[0], handles, outside)
     _save_atomic(fig, path)

@@ -315,6 +315,23 @@ def test_plot_erank_vs_depth(tmp_path: Path) -> None:
     _assert_single_png(tmp_path, "erank.png")
 
 
+def test_plot_series_panels_many_series_fit(tmp_path: Path) -> None:
+    """A protocol's 10 arms x 3 depths: one panel per depth and the legend beside them; before,
+    30 series in one axes left matplotlib's layout no room (a warning and an unreadable plot)."""
+    import warnings
+
+    arms = ["preln", "mgt", "embed_only", "preln_matched", "mhc", "ddl", "postln", "deepnorm", "ddl_rank1", "mhc_nstream"]
+    panels = {f"{d} layers": {a: [(t, 5.0 - 0.1 * i - 0.5 * math.log10(t), 0.0) for t in (1e4, 1e5, 1e6)] for i, a in enumerate(arms)} for d in (12, 48, 96)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plots.plot_series_panels(panels, tmp_path / "panels.png", "valid loss vs tokens", "tokens", "loss", logx=True)
+        plots.plot_series_vs_x(panels["12 layers"], tmp_path / "one" / "single.png", "12 layers", "tokens", "loss", logx=True)
+    _assert_single_png(tmp_path / "one", "single.png")
+    (tmp_path / "one" / "single.png").unlink()
+    (tmp_path / "one").rmdir()
+    _assert_single_png(tmp_path, "panels.png")
+
+
 def test_plot_beta_by_layer(tmp_path: Path) -> None:
     stats = [geo.beta_stats(torch.randn(256, generator=_gen(20 + i)) * 0.1 + 0.5 - 0.05 * i) for i in range(16)]
     plots.plot_beta_by_layer(stats, tmp_path / "beta.png")

@@ -109,6 +109,7 @@ def test_plot_lr_sweep_writes_png(tmp_path) -> None:
         "broken": {1e-3: math.inf},
     }
     path = tmp_path / "sub" / "lr_sweep.png"
-    plots.plot_lr_sweep(curves, {"mgt": 5e-4, "preln": 5e-4}, path, "lr sweep")
+    panels = {"12 layers": curves, "48 layers": {"mgt": {1e-3: 2.8, 2e-3: 2.7}, "postln": {1e-3: math.nan}}}
+    plots.plot_lr_sweep(panels, {"12 layers": {"mgt": 5e-4, "preln": 5e-4}, "48 layers": {"mgt": 2e-3}}, path, "lr sweep")
     data = path.read_bytes()
     assert len(data) > len(PNG_MAGIC) and data.startswith(PNG_MAGIC)

@@ -94,8 +94,11 @@ def write_plots(exp, arms, depths, table, sweeps, runs, baselines, baseline_arm:
                  if r["arm"] == a and r.get("diff_vs_baseline") and r["diff_vs_baseline"]["n"] >= 2] for a in arms if a != baseline_arm}
     diffs[f"{baseline_arm} (0)"] = [(d, 0.0, 0.0) for d in depths]
     plots.plot_series_vs_x(diffs, out / "diff_vs_depth.png", f"valid loss - {baseline_arm}, seed-paired (t {ci_label(level)})", "layers", f"loss - {baseline_arm} (nats/token)", logx=True, xticks=depths)
-    curves = {f"{a} L{d}": {lr: loss for lr, loss in sweeps[d][a]["results"]} for d in depths for a in arms}
-    plots.plot_lr_sweep(curves, {f"{a} L{d}": sweeps[d][a]["lr"] for d in depths for a in arms if sweeps[d][a]["lr"]}, out / "lr_sweeps.png", "lr sweeps")
+    swept = [d for d in depths if all(sweeps[d][a]["sweep_depth"] == d for a in arms)]  # a banded depth reuses another's sweep
+    panels = {f"{d} layers": {a: {lr: loss for lr, loss in sweeps[d][a]["results"]} for a in arms} for d in swept}
+    chosen = {f"{d} layers": {a: sweeps[d][a]["lr"] for a in arms if sweeps[d][a]["lr"]} for d in swept}
+    banded = ", ".join(f"{d} uses {sweeps[d][arms[0]]['sweep_depth']}" for d in depths if d not in swept)
+    plots.plot_lr_sweep(panels, chosen, out / "lr_sweeps.png", "lr sweeps" + (f" ({banded} layers' lrs)" if banded else ""))
     first = [r for r in runs if r["seed"] == runs[0]["seed"]] if runs else []
     for depth in depths:
         for metric in ("erank_tol", "ln_erank_tol"):
@@ -109,5 +112,6 @@ def write_plots(exp, arms, depths, table, sweeps, runs, baselines, baseline_arm:
             plots.plot_erank_vs_depth(curves, out / f"{metric}_by_layer_L{depth}.png", f"{metric} by layer after training, {depth} layers (first seed)")
     first = [r for r in first if r["valid_curve"]]
     for x, label in (("tokens", "training tokens"), ("flops", "training FLOPs"), ("seconds", "training wall seconds")):
-        curves = {f"{r['arm']} L{r['depth']}": [(p[x], p["loss"], 0.0) for p in r["valid_curve"] if p.get(x)] for r in first}
-        plots.plot_series_vs_x(curves, out / f"loss_vs_{x}.png", f"valid loss vs {label} (first seed)", label, "valid loss (nats/token)", logx=True)
+        panels = {f"{d} layers": {r["arm"]: [(p[x], p["loss"], 0.0) for p in r["valid_curve"] if p.get(x)] for r in first if r["depth"] == d}
+                  for d in depths if any(r["depth"] == d for r in first)}
+        plots.plot_series_panels(panels, out / f"loss_vs_{x}.png", f"valid loss vs {label} (first seed)", label, "valid loss (nats/token)", logx=True)
