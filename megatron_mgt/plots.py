@@ -177,19 +177,9 @@ def plot_heatmap(
     _save_atomic(fig, path)
 
 
-def plot_series_vs_x(
-    series: Mapping[str, Sequence[tuple[float, float, float]]],
-    path: str | os.PathLike,
-    title: str,
-    xlabel: str,
-    ylabel: str,
-    logx: bool = False,
-    logy: bool = False,
-    xticks: Sequence[float] | None = None,
-) -> None:
-    """One line per series of (x, mean, spread) points, spread drawn as error bars (0 or NaN: none);
-    `xticks` labels exactly those x values (e.g. the depths of a log axis)."""
-    plot_series_panels({"": series}, path, title, xlabel, ylabel, logx, logy, xticks)
+def plot_series_vs_x(series: Mapping[str, Sequence[tuple[float, float, float]]], path: str | os.PathLike, title: str, xlabel: str, ylabel: str, **options) -> None:
+    """plot_series_panels with one panel (options: logx, logy, xticks)."""
+    plot_series_panels({"": series}, path, title, xlabel, ylabel, **options)
 
 
 def plot_series_panels(
@@ -202,8 +192,10 @@ def plot_series_panels(
     logy: bool = False,
     xticks: Sequence[float] | None = None,
 ) -> None:
-    """plot_series_vs_x with one panel per key of `panels` (e.g. per depth), side by side on a
-    shared y axis, each series name in the same style in every panel."""
+    """One line per series of (x, mean, spread) points, spread drawn as error bars (0 or NaN:
+    none), one panel per key of `panels` (e.g. per depth) side by side on a shared y axis, each
+    series name in the same style in every panel; `xticks` labels exactly those x values (e.g.
+    the depths of a log axis)."""
     fig, axes, style, outside = _panel_figure(len(panels), list(dict.fromkeys(name for series in panels.values() for name in series)))
     handles: dict[str, object] = {}
     for ax, (panel, series) in zip(axes, panels.items(), strict=False):
