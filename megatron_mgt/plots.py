@@ -212,10 +212,12 @@ def plot_series_panels(
         if xticks:
             ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
             ax.minorticks_off()
-        ax.set(xlabel=xlabel, title=panel or title)
+        ax.set(xlabel=xlabel, title=panel)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ylabel)
-    if len(panels) > 1:
+    if list(panels) == [""]:
+        axes[0].set_title(title)
+    else:  # named panels (or none): the title above them all
         fig.suptitle(title)
     _panel_legend(fig, axes[0], handles, outside)
     _save_atomic(fig, path)
@@ -258,7 +260,8 @@ def plot_lr_sweep(
     finite = [loss for curves in panels.values() for losses in curves.values() for loss in losses.values() if np.isfinite(loss)]
     low, high = (min(finite), max(finite)) if finite else (0.0, 1.0)
     span = (high - low) or 1.0
-    handles: dict[str, object] = {}
+    lines: dict[str, object] = {}
+    marks: dict[str, object] = {}
     for ax, (name, curves) in zip(axes, panels.items(), strict=False):
         for arm, losses in curves.items():
             color, row = style[arm]["color"], arms.index(arm)
@@ -266,10 +269,9 @@ def plot_lr_sweep(
             bad = sorted(lr for lr, loss in losses.items() if not np.isfinite(loss))
             if ok:
                 (line,) = ax.plot(*zip(*ok, strict=True), color=color, linestyle=style[arm]["linestyle"], marker="o", markersize=4, linewidth=1.2)
-                handles.setdefault(arm, line)
+                lines.setdefault(arm, line)
             if bad:
-                mark = ax.scatter(bad, [high + (0.06 + 0.04 * row) * span] * len(bad), marker="x", s=50, color=color, zorder=3)
-                handles.setdefault(arm, mark)
+                marks.setdefault(arm, ax.scatter(bad, [high + (0.06 + 0.04 * row) * span] * len(bad), marker="x", s=50, color=color, zorder=3))
             lr = chosen.get(name, {}).get(arm)
             if lr is not None and lr in losses and np.isfinite(losses[lr]):
                 ax.scatter([lr], [losses[lr]], s=140, facecolors="none", edgecolors=color, linewidths=1.8, zorder=4)
@@ -278,5 +280,6 @@ def plot_lr_sweep(
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("final valid loss")
     fig.suptitle(f"{title} (x: diverged, ring: chosen)")
+    handles = {arm if arm in lines else f"{arm} (all diverged)": lines.get(arm, marks.get(arm)) for arm in arms if arm in lines or arm in marks}
     _panel_legend(fig, axes[0], handles, outside)
     _save_atomic(fig, path)

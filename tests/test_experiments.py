@@ -134,12 +134,15 @@ def test_interrupted_run_resumes(micro, capsys):
     assert "mgt-experiment: stopped: " in capsys.readouterr().err
     from megatron_mgt.flops import cpu_model
 
-    assert json.loads((run_dir / "run_info.json").read_text())["cpu"] == cpu_model() != ""  # which machine the wall was timed on
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["cpu"] == cpu_model() != ""  # which machine the wall was timed on
+    (run_dir / "run_info.json").write_text(json.dumps({**info, "cpu": "Other CPU"}))  # as if that segment ran on another machine
     run_experiment("depth_scaling", preset)
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sum(e.get("event") == "resumed" for e in events) == 2
     assert (run_dir / "eval" / "eval.json").is_file()
     assert json.loads((run_dir / "run_info.json").read_text())["wall_seconds"] > first_segment
+    assert json.loads((run_dir / "run_info.json").read_text())["cpu"] == "mixed"  # timed on two machines: no one CPU's wall
 
 
 def test_ablation_interaction(micro):
@@ -252,7 +255,8 @@ def test_decision_block_checked_at_load(tmp_path):
     spec["base"] = str(base.parent / spec["base"])
     preset = tmp_path / "p.yaml"
     for decision, message in (({"level": 95}, r"decision.level=95 must be a number in \(0, 1\)"), ({"level": "high"}, "decision.level='high'"),
-                              ({"rule": "p_below_0.05"}, "decision.rule='p_below_0.05' is not a known rule"), ({"alpha": 0.05}, r"unknown decision keys \['alpha'\]")):
+                              ({"rule": "p_below_0.05"}, "decision.rule='p_below_0.05' is not a known rule"), ({"alpha": 0.05}, r"unknown decision keys \['alpha'\]"),
+                              ("ci_excludes_zero", "decision must be a mapping")):
         preset.write_text(yaml.safe_dump({**spec, "decision": decision}))
         with pytest.raises(ConfigError, match=message) as err:
             load_experiment("depth_scaling", preset)
@@ -260,6 +264,22 @@ def test_decision_block_checked_at_load(tmp_path):
     preset.write_text(yaml.safe_dump({**spec, "decision": {"level": 0.9}}))
     exp = load_experiment("depth_scaling", preset)
     assert (exp.rule, exp.level, ci_label(exp.level)) == ("ci_excludes_zero", 0.9, "90% CI")
+
+
+def test_lr_sweep_panels_follow_the_bands():
+    """One lr-sweep panel per sweep depth: a banded depth (96 uses 48's sweep) is named on its
+    donor's panel, and a report of only banded depths still shows the sweep it used."""
+    from megatron_mgt.experiments.depth_scaling import lr_sweep_panels
+
+    def record(sweep_depth, lr):
+        return {"sweep_depth": sweep_depth, "lr": lr, "results": [[lr / 2, 3.2], [lr, 3.0], [lr * 2, 3.1]]}
+
+    sweeps = {12: {"preln": record(12, 3e-3), "mgt": record(12, 6e-3)}, 48: {"preln": record(48, 1.5e-3), "mgt": record(48, 3e-3)}}
+    sweeps[96] = sweeps[48]
+    panels, chosen = lr_sweep_panels(sweeps, ["preln", "mgt"], [12, 48, 96])
+    assert list(panels) == ["12 layers", "48 layers (lrs used at 48, 96)"] and chosen["48 layers (lrs used at 48, 96)"] == {"preln": 1.5e-3, "mgt": 3e-3}
+    panels, chosen = lr_sweep_panels({96: sweeps[48]}, ["preln", "mgt"], [96])
+    assert list(panels) == ["48 layers (lrs used at 96)"] and panels["48 layers (lrs used at 96)"]["mgt"] == {1.5e-3: 3.2, 3e-3: 3.0, 6e-3: 3.1}
 
 
 def test_campaign_runs_its_steps_in_order(micro, capsys):

@@ -113,3 +113,24 @@ def test_plot_lr_sweep_writes_png(tmp_path) -> None:
     plots.plot_lr_sweep(panels, {"12 layers": {"mgt": 5e-4, "preln": 5e-4}, "48 layers": {"mgt": 2e-3}}, path, "lr sweep")
     data = path.read_bytes()
     assert len(data) > len(PNG_MAGIC) and data.startswith(PNG_MAGIC)
+
+
+def test_plot_lr_sweep_legend_and_titles(tmp_path, monkeypatch) -> None:
+    """The legend shows an arm's line wherever it has one (not the x of a panel where it
+    diverged), names an arm that diverged everywhere, and the title sits above the panels."""
+    drawn = []
+    monkeypatch.setattr(plots, "_save_atomic", lambda fig, path: drawn.append(fig))
+    panels = {"12 layers": {"mgt": {1e-3: math.inf}, "postln": {1e-3: math.nan}}, "48 layers": {"mgt": {1e-3: 2.8, 2e-3: 2.7}, "postln": {1e-3: math.inf}}}
+    plots.plot_lr_sweep(panels, {"48 layers": {"mgt": 2e-3}}, tmp_path / "x.png", "lr sweeps")
+    (fig,) = drawn
+    legend = fig.legends[0]
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["mgt", "postln (all diverged)"]
+    assert type(legend.legend_handles[0]).__name__ == "Line2D"
+    assert [ax.get_title() for ax in fig.axes] == ["12 layers", "48 layers"] and fig.get_suptitle().startswith("lr sweeps")
+    drawn.clear()
+    plots.plot_series_panels({"96 layers": {"mgt": [(1.0, 3.0, 0.0), (2.0, 2.9, 0.0)]}}, tmp_path / "y.png", "valid loss vs tokens", "tokens", "loss")
+    plots.plot_series_vs_x({"mgt": [(1.0, 3.0, 0.0)]}, tmp_path / "z.png", "one series", "x", "y")
+    named, single = drawn
+    assert named.get_suptitle() == "valid loss vs tokens" and named.axes[0].get_title() == "96 layers"  # a named panel keeps the plot's title
+    assert single.axes[0].get_title() == "one series" and single.axes[0].get_legend() is not None

@@ -90,7 +90,7 @@ def run_campaign(preset: str, overrides=()) -> list[dict]:
 def grid_status(steps: list[dict], overrides=(), pool=None, workers: int = 1) -> str:
     """status.summary of the runs `steps` still need: each step walked in report-only mode,
     its reports written to a throwaway directory."""
-    was, common.REPORT_ONLY, common.QUIET = common.REPORT_ONLY, True, True
+    was, common.REPORT_ONLY, common.QUIET = (common.REPORT_ONLY, common.QUIET), True, True
     collected = []
     try:
         with tempfile.TemporaryDirectory(prefix="mgt-status-") as scratch, warnings.catch_warnings():
@@ -101,7 +101,7 @@ def grid_status(steps: list[dict], overrides=(), pool=None, workers: int = 1) ->
                 run_experiment(step["experiment"], step["preset"], [*step["overrides"], *overrides], out=Path(scratch) / str(i), pool=pool)
                 collected.append((f"step {i + 1}/{len(steps)} {step['experiment']} {step['overrides']}", dict(common.NOT_FINISHED), list(common.OPEN_SWEEPS)))
     finally:
-        common.REPORT_ONLY, common.QUIET = was, False
+        common.REPORT_ONLY, common.QUIET = was
     exp = load_experiment(steps[0]["experiment"], steps[0]["preset"], [*steps[0]["overrides"], *overrides], pool=pool)
     return status.summary(collected, exp.pool, exp.archive, workers)
 

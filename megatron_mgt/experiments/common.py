@@ -113,7 +113,9 @@ def load_experiment(
         else:
             merge(cfg, parse_override(text))
     validate(cfg)
-    decision = dict(spec.get("decision") or {})
+    decision = spec.get("decision") or {}
+    if not isinstance(decision, dict):
+        raise ConfigError(f"{path}: decision must be a mapping (rule:, level:), got {decision!r}")
     check_decision(decision, path)
     return Experiment(
         name=name,
@@ -121,7 +123,7 @@ def load_experiment(
         out=Path(out or spec.get("out") or f"runs/experiments/{name}"),
         pool=Path(pool or spec.get("pool") or "runs/pool"),
         grid=grid,
-        decision=decision,
+        decision=dict(decision),
         archive=Path(spec["archive"]) if spec.get("archive") else None,
     )
 
@@ -310,8 +312,11 @@ def ensure_run(
             t0 = time.monotonic()
             info = read_json(run_dir / "run_info.json") or {"wall_seconds": 0.0}
 
+            here = cpu_model()
+            cpu = here if info["wall_seconds"] == 0 or info.get("cpu") == here else "mixed"  # segments timed on two machines
+
             def add_wall(**extra) -> None:  # every training segment counts, an interrupted one too
-                info.update(wall_seconds=info["wall_seconds"] + time.monotonic() - t0, cpu=cpu_model(), **extra)  # cpu: the last segment's
+                info.update(wall_seconds=info["wall_seconds"] + time.monotonic() - t0, cpu=cpu, **extra)
                 write_json(run_dir / "run_info.json", info)
 
             try:

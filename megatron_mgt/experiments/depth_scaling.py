@@ -51,7 +51,7 @@ def run(exp: Experiment) -> dict:
 def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, table: list[dict], interactions: dict, level: float) -> str:
     md = f"# depth_scaling\n\n{sizes_line(exp)}; seeds {seeds}; every arm at its own tuned lr.\n\n"
     md += (f"Baselines on every valid token: unigram {baselines['unigram']:.3f}, Kneser-Ney bigram {baselines['bigram_kn']:.3f} nats/token. "
-           f"Decision rule (declared in the preset): {exp.decision or {'rule': 'ci_excludes_zero'}}.\n\n")
+           f"Decision rule (declared in the preset): {exp.rule} at level {exp.level:g}.\n\n")
     rows = []
     for r in table:
         d = r.get("diff_vs_baseline")
@@ -83,6 +83,21 @@ def _half_width(ci) -> float:
     return (ci[1] - ci[0]) / 2
 
 
+def lr_sweep_panels(sweeps: dict, arms: list[str], depths: list[int]) -> tuple[dict, dict]:
+    """plots.plot_lr_sweep's panels and chosen lrs: one panel per sweep depth (a banded depth
+    uses another depth's sweep, tuning.bands), titled with the depths that use it when those
+    differ, e.g. '48 layers (lrs used at 48, 96)'."""
+    used_at: dict[int, list[int]] = {}
+    for d in depths:
+        used_at.setdefault(int(sweeps[d][arms[0]]["sweep_depth"]), []).append(d)  # a band is per depth, the same for every arm
+    panels, chosen = {}, {}
+    for sweep_depth, users in used_at.items():
+        key = f"{sweep_depth} layers" + (f" (lrs used at {', '.join(map(str, users))})" if users != [sweep_depth] else "")
+        panels[key] = {a: {lr: loss for lr, loss in sweeps[users[0]][a]["results"]} for a in arms}
+        chosen[key] = {a: sweeps[users[0]][a]["lr"] for a in arms if sweeps[users[0]][a]["lr"]}
+    return panels, chosen
+
+
 def write_plots(exp, arms, depths, table, sweeps, runs, baselines, baseline_arm: str, level: float) -> None:
     out = exp.out
     out.mkdir(parents=True, exist_ok=True)
@@ -94,11 +109,7 @@ def write_plots(exp, arms, depths, table, sweeps, runs, baselines, baseline_arm:
                  if r["arm"] == a and r.get("diff_vs_baseline") and r["diff_vs_baseline"]["n"] >= 2] for a in arms if a != baseline_arm}
     diffs[f"{baseline_arm} (0)"] = [(d, 0.0, 0.0) for d in depths]
     plots.plot_series_vs_x(diffs, out / "diff_vs_depth.png", f"valid loss - {baseline_arm}, seed-paired (t {ci_label(level)})", "layers", f"loss - {baseline_arm} (nats/token)", logx=True, xticks=depths)
-    swept = [d for d in depths if all(sweeps[d][a]["sweep_depth"] == d for a in arms)]  # a banded depth reuses another's sweep
-    panels = {f"{d} layers": {a: {lr: loss for lr, loss in sweeps[d][a]["results"]} for a in arms} for d in swept}
-    chosen = {f"{d} layers": {a: sweeps[d][a]["lr"] for a in arms if sweeps[d][a]["lr"]} for d in swept}
-    banded = ", ".join(f"{d} uses {sweeps[d][arms[0]]['sweep_depth']}" for d in depths if d not in swept)
-    plots.plot_lr_sweep(panels, chosen, out / "lr_sweeps.png", "lr sweeps" + (f" ({banded} layers' lrs)" if banded else ""))
+    plots.plot_lr_sweep(*lr_sweep_panels(sweeps, arms, depths), out / "lr_sweeps.png", "lr sweeps")
     first = [r for r in runs if r["seed"] == runs[0]["seed"]] if runs else []
     for depth in depths:
         for metric in ("erank_tol", "ln_erank_tol"):

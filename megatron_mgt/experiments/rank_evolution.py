@@ -25,7 +25,8 @@ from megatron_mgt.config import ConfigError
 from megatron_mgt.experiments import common
 from megatron_mgt.experiments.arms import arms_for, tuned_specs, tuned_sweeps, tuning_settings
 from megatron_mgt.experiments.common import Experiment, read_json, run_grid, run_summary
-from megatron_mgt.experiments.report import fmt_estimate, fmt_lr, markdown_table, sizes_line, write_results
+from megatron_mgt.experiments.report import ci_label, fmt_estimate, fmt_lr, markdown_table, sizes_line, write_results
+from megatron_mgt.geometry import RANK_REL_TOL
 from megatron_mgt.stats import t_interval
 
 METRICS = ("erank_tol", "ln_erank_tol")
@@ -133,10 +134,10 @@ def write_plots(exp: Experiment, depths: list[int], seed: int, runs: list[dict],
 
 def report_markdown(exp: Experiment, depths, seeds, every: int, table: list[dict], reference: dict) -> str:
     md = (f"# rank_evolution\n\n{sizes_line(exp)}; depths {depths}; seeds {seeds}; every arm at its own tuned lr, a checkpoint every {every} steps. "
-          f"Rank profile on {exp.base.eval.rank_windows} windows spread over the valid split; erank_tol drops singular values below 1e-4 s_max, "
+          f"Rank profile on {exp.base.eval.rank_windows} windows spread over the valid split; erank_tol drops singular values below {RANK_REL_TOL:g} s_max, "
           f"normalised by min(T, d)."
           + (f" Gaussian {reference['T']} x {reference['d']} reference: erank_tol {reference['erank_tol']:.3f}, of LN {reference['ln_erank_tol']:.3f}." if reference else "")
-          + " Mean over seeds with the t interval.\n\n")
+          + f" Mean over seeds with the t interval ({ci_label(exp.level)}).\n\n")
     md += markdown_table(["arm", "layers", "lr", "erank_tol last @ init", "@ half", "@ end (CI)", "LN erank_tol last @ end (CI)", "lowest layer @ end",
                           "token cos last @ end", "collapsed layers @ end", "valid loss", "- twin run", "seeds", "diverged"],
                          [[r["arm"], r["depth"], fmt_lr(r["lr"]), r["erank_tol_last_init"]["mean"], r["erank_tol_last_mid"]["mean"], fmt_estimate(r["erank_tol_last_final"]),
