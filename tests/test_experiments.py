@@ -92,6 +92,10 @@ def test_depth_scaling_tuned_arms_paired_stats_and_resume(micro):
     train_prefix, valid_prefix = MICRO_DATA
     assert results["baselines"] == pytest.approx(ngram_baselines(train_prefix, valid_prefix, MICRO["model"]["vocab_size"]))
     assert results["decision_rule"]["rule"] == "ci_excludes_zero" and results["decision_rule"]["level"] == 0.9
+    md = (out / "results.md").read_text()
+    assert "90% CI" in md and "95%" not in md  # every interval at the declared level
+    sweep_rows = [line for line in md.splitlines() if line.startswith("| preln | 2 | 0.00075: ")]  # each sweep point, the choice
+    assert len(sweep_rows) == 1 and sweep_rows[0].endswith(f"| {fmt_lr(results['lr_sweeps']['2']['preln']['lr'])} | complete |")
     metrics = {p: p.stat().st_mtime_ns for p in pool.glob("*/metrics.jsonl")}
     # Second invocation: every run (sweep points included) is finished, nothing retrains.
     again = run_experiment("depth_scaling", preset)

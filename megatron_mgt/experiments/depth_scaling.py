@@ -44,11 +44,11 @@ def run(exp: Experiment) -> dict:
     results = {"decision_rule": {"rule": rule, "rule_text": decide({"ci": [0, 0]}, rule)["rule_text"], "level": level, "baseline": baseline_arm},
                "baselines": baselines, "tuning": tuning, "lr_sweeps": {str(d): s for d, s in sweeps.items()}, "table": table,
                "interaction_by_depth": interactions, "runs": runs}
-    write_results(exp, results, report_markdown(exp, seeds, baseline_arm, baselines, table, interactions, level))
+    write_results(exp, results, report_markdown(exp, seeds, baseline_arm, baselines, table, interactions, level, sweeps))
     return results
 
 
-def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, table: list[dict], interactions: dict, level: float) -> str:
+def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, table: list[dict], interactions: dict, level: float, sweeps: dict) -> str:
     md = f"# depth_scaling\n\n{sizes_line(exp)}; seeds {seeds}; every arm at its own tuned lr.\n\n"
     md += (f"Baselines on every valid token: unigram {baselines['unigram']:.3f}, Kneser-Ney bigram {baselines['bigram_kn']:.3f} nats/token. "
            f"Decision rule (declared in the preset): {exp.rule} at level {exp.level:g}.\n\n")
@@ -74,9 +74,24 @@ def report_markdown(exp: Experiment, seeds, baseline_arm: str, baselines: dict, 
         terms = ", ".join(f"s{s}: {v:+.3f}" for s, v in inter["terms"].items())
         md += (f"\nInteraction at {depth} layers, {inter['formula']}: per seed {terms or '-'}; "
                + (f"mean {inter['mean']:+.3f}, {ci_label(level)} {fmt_ci(inter['ci'], n=inter['n'])}: {inter['verdict']}.\n" if inter["n"] else "no seed has all four arms.\n"))
+    md += sweep_markdown(sweeps)
     md += "\n![loss](loss_vs_depth.png)\n![difference](diff_vs_depth.png)\n![lr sweeps](lr_sweeps.png)\n![loss vs tokens](loss_vs_tokens.png)\n![loss vs flops](loss_vs_flops.png)\n![loss vs time](loss_vs_seconds.png)\n"
     md += "".join(f"![rank L{d}](erank_tol_by_layer_L{d}.png)\n![LN rank L{d}](ln_erank_tol_by_layer_L{d}.png)\n" for d in sorted({r["depth"] for r in table}))
     return md
+
+
+def sweep_markdown(sweeps: dict) -> str:
+    """Every lr sweep point (final valid loss at the first seed), the chosen lr, and whether the
+    sweep is complete (an open sweep has a point, or an edge extension, still to train)."""
+    rows, seen = [], set()
+    for by_arm in sweeps.values():
+        for arm, record in by_arm.items():
+            if (arm, record["sweep_depth"]) in seen:  # a banded depth repeats its donor's sweep
+                continue
+            seen.add((arm, record["sweep_depth"]))
+            points = ", ".join(f"{fmt_lr(lr)}: {loss:.3f}" for lr, loss in record["results"])
+            rows.append([arm, record["sweep_depth"], points or "-", fmt_lr(record["lr"]), "complete" if record.get("complete") else "open: points left to train"])
+    return "\n\nlr sweeps (first seed; lr: final valid loss):\n\n" + markdown_table(["arm", "swept at layers", "points", "chosen lr", "sweep"], rows)
 
 
 def _half_width(ci) -> float:
