@@ -355,6 +355,29 @@ def test_matched_d_ff_is_the_smallest_width_reaching_mgts_count():
         assert d_ff > derive(base, {"model.residual": "preln"}).model.ffn_dim
 
 
+def test_initial_sweep_grid_does_not_wait_for_a_held_point(micro, tmp_path, monkeypatch):
+    """run_grid(wait_for_held=False), as tuned_sweeps runs the initial grid: a point another
+    runner holds is passed over and not waited for (the runner goes on to edge extensions)."""
+    import fcntl
+
+    from megatron_mgt.config import derive
+    from megatron_mgt.experiments import common
+    from megatron_mgt.experiments.common import load_experiment, run_grid, run_name
+
+    monkeypatch.setattr(common, "ARCHIVE", None)
+    monkeypatch.setattr(common, "REPORT_ONLY", False)
+    write_preset, _, _ = micro
+    exp = load_experiment("depth_scaling", write_preset("depth_scaling", {"variants": ["preln"], "depths": [1], "seeds": [1], "tuning": TUNING}))
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    specs = [(derive(exp.base, {"model.n_layers": 1, "train.lr": lr}), "") for lr in (1e-3, 2e-3)]
+    held = run_name(specs[0][0])
+    with open(pool / f".{held}.lock", "w") as other_runner:
+        fcntl.flock(other_runner, fcntl.LOCK_EX)
+        kept = run_grid(specs, pool, "grid", wait_for_held=False)  # would block forever with wait_for_held=True
+    assert [o.name for o in kept] == [run_name(specs[1][0])] and not (pool / held / "metrics.jsonl").exists()
+
+
 def test_a_runner_skips_a_sweep_point_another_holds_and_waits_only_at_the_end(micro, tmp_path, monkeypatch):
     """Edge extensions are sequential within an arm: while another runner trains preln's point,
     this runner finishes mgt's sweep instead of waiting, then waits (blocking, not spinning)."""

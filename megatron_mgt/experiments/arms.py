@@ -189,12 +189,14 @@ def arms_for(requested) -> list[str]:
 
 def tuned_sweeps(exp: Experiment, arms: list[str], depth: int, seed: int, tuning: Mapping, desc: str) -> dict:
     """{arm: tuned_arm record}: the lr sweep of every arm at `seed` (at the sweep depth of
-    `depth`), every arm's initial grid first so that runners sharing the pool split it."""
+    `depth`), every arm's initial grid first so that runners sharing the pool split it. A grid
+    point another runner holds is not waited for here: _extend_sweeps goes on to the arms whose
+    grids are done (their edge extensions) and waits only when nothing else is left."""
     first = derive(exp.base, {"model.n_layers": depth, "train.seed": seed})
     if not common.REPORT_ONLY:
         grid = lr_sweep.initial_grid(float(tuning["center"]), int(tuning["points"]), float(tuning["factor"]))
         at_depth = derive(first, {"model.n_layers": int(tuning["bands"].get(depth, depth))})
-        run_grid([(sweep_point(at_depth, arm, lr), arm_tag(arm)) for arm in arms for lr in grid], exp.pool, f"{desc} lr sweeps")
+        run_grid([(sweep_point(at_depth, arm, lr), arm_tag(arm)) for arm in arms for lr in grid], exp.pool, f"{desc} lr sweeps", wait_for_held=False)
     return _extend_sweeps(first, arms, depth, exp.pool, tuning)
 
 

@@ -397,14 +397,16 @@ NOT_FINISHED: dict[str, tuple[str, int, int]] = {}  # report-only or past --dead
 OPEN_SWEEPS: list[str] = []  # report-only or past --deadline: "arm@depth" of lr sweeps with an unfinished point (their extensions are not known yet)
 
 
-def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evolution: bool = False) -> list[RunOutcome]:
+def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evolution: bool = False, wait_for_held: bool = True) -> list[RunOutcome]:
     """ensure_run over (config, tag) pairs with a progress bar over runs. Runs that another
     runner on the same pool is training are passed over first and waited for at the end, so
-    several runners (the tasks of slurm/experiment.sh) split a grid between them. In
-    report-only mode, runs that are not finished are left out (with a note)."""
+    several runners (the tasks of slurm/experiment.sh) split a grid between them; with
+    `wait_for_held=False` they are not waited for (nor returned): the caller has other work
+    that does not need them. In report-only mode, runs that are not finished are left out
+    (with a note)."""
     outcomes: dict[int, RunOutcome] = {}
     bar = tqdm(total=len(specs), desc=desc, unit="run", dynamic_ncols=True, disable=QUIET)
-    for wait in (False, True):
+    for wait in (False, True) if wait_for_held else (False,):
         for i, (cfg, tag) in enumerate(specs):
             if i in outcomes:
                 continue
@@ -416,6 +418,8 @@ def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evoluti
     bar.close()
     kept = []
     for i in range(len(specs)):
+        if i not in outcomes:  # held by another runner, not waited for
+            continue
         if outcomes[i].status == "missing":
             o = outcomes[i]
             NOT_FINISHED[o.name] = (o.arm, o.cfg.model.n_layers, o.cfg.train.max_steps)
