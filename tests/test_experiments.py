@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -466,7 +467,7 @@ def test_status_lists_what_a_rerun_would_train(micro, tmp_path, monkeypatch, cap
     assert f"{seed2.name}: to resume from step 6, ~0 min" in grid_status(steps, pool=pool)  # trained, its evaluation owed
 
 
-def test_deadline_gate_starts_only_runs_that_end_in_time(micro, tmp_path, monkeypatch):
+def test_deadline_gate_starts_only_runs_that_end_in_time(micro, tmp_path, monkeypatch, capsys):
     """--deadline: the estimate (median wall of the arm, scaled by depth, x EVAL_MARGIN) scaled
     by the steps left decides; past the deadline a runner trains nothing and still reports."""
     import datetime as dt
@@ -517,9 +518,9 @@ def test_deadline_gate_starts_only_runs_that_end_in_time(micro, tmp_path, monkey
     assert status.parse_deadline("2026-12-07T13:00+00:00", utc) == utc.timestamp() + 3600
     with pytest.raises(ConfigError, match="has passed"):
         status.parse_deadline("2026-12-07T11:00Z", utc)
-    for past in ("11:00", "2026-12-07T11:59"):
-        with pytest.raises(ConfigError, match="has passed"):
-            status.parse_deadline(past, now)
+    assert status.parse_deadline("11:00", now) == dt.datetime(2026, 12, 8, 11, 0).timestamp()  # a clock time past today: tomorrow's
+    with pytest.raises(ConfigError, match="has passed"):
+        status.parse_deadline("2026-12-07T11:59", now)
     for bad in ("soon", "+x", "25:00"):
         with pytest.raises(ConfigError, match="expected"):
             status.parse_deadline(bad, now)
@@ -535,6 +536,7 @@ def test_deadline_gate_starts_only_runs_that_end_in_time(micro, tmp_path, monkey
     out = tmp_path / "out"
     assert experiment_main(["depth_scaling", "--preset", str(preset), "--pool", str(pool), "--out", str(out), "--deadline", "+0"]) == 0
     assert not list(pool.glob("*_L1_*/metrics.jsonl")) and common.START_GATE is None  # no estimate and no time left: nothing starts
+    assert re.search(r"deadline \d{4}-\d\d-\d\d \d\d:\d\d \(local\)", capsys.readouterr().err)  # the resolved date-time is said
     refused = json.loads((out / "results.json").read_text())
     assert refused["lr_sweeps"]["1"]["preln"]["complete"] is False and refused["lr_sweeps"]["1"]["preln"]["lr"] is None  # the sweep stays open
     assert experiment_main(["depth_scaling", "--preset", str(preset), "--pool", str(pool), "--out", str(out), "--deadline", "+600"]) == 0

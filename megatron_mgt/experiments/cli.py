@@ -20,6 +20,7 @@ the rest is left for the next chunk and the reports are written as with --report
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import importlib
 import sys
 import tempfile
@@ -120,7 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     common.REPORT_ONLY = args.report_only
     try:
-        common.START_GATE = status.deadline_gate(status.parse_deadline(args.deadline)) if args.deadline is not None else None
+        common.START_GATE = None
+        if args.deadline is not None:
+            deadline = status.parse_deadline(args.deadline)
+            print(f"deadline {dt.datetime.fromtimestamp(deadline):%Y-%m-%d %H:%M} (local): no run starts unless its estimate ends by then", file=sys.stderr)
+            common.START_GATE = status.deadline_gate(deadline)
         if args.status:
             steps = campaign_steps(args.preset) if args.name == "campaign" else [{"experiment": args.name, "preset": args.preset, "overrides": []}]
             print(grid_status(steps, args.overrides, pool=args.pool if args.name != "campaign" else None, workers=args.workers))

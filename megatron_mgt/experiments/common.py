@@ -79,12 +79,12 @@ class Experiment:
     @property
     def rule(self) -> str:
         """The declared decision rule (stats.DECISION_RULES), default ci_excludes_zero."""
-        return self.decision.get("rule", "ci_excludes_zero")
+        return self.decision.get("rule", DECISION_DEFAULTS["rule"])
 
     @property
     def level(self) -> float:
         """The confidence level of every interval the runners report, default 0.95."""
-        return float(self.decision.get("level", 0.95))
+        return float(self.decision.get("level", DECISION_DEFAULTS["level"]))
 
 
 def load_experiment(
@@ -128,16 +128,19 @@ def load_experiment(
     )
 
 
+DECISION_DEFAULTS = {"rule": "ci_excludes_zero", "level": 0.95}  # a preset's decision block, where it omits a key
+
+
 def check_decision(decision: dict, path: Path) -> None:
     """The preset's decision block: keys rule (stats.DECISION_RULES) and level in (0, 1);
     checked at load, before anything trains."""
-    unknown = set(decision) - {"rule", "level"}
+    unknown = set(decision) - set(DECISION_DEFAULTS)
     if unknown:
-        raise ConfigError(f"{path}: unknown decision keys {sorted(unknown)} (allowed: rule, level)")
-    rule = decision.get("rule", "ci_excludes_zero")
+        raise ConfigError(f"{path}: unknown decision keys {sorted(unknown)} (allowed: {', '.join(DECISION_DEFAULTS)})")
+    rule = decision.get("rule", DECISION_DEFAULTS["rule"])
     if rule not in DECISION_RULES:
         raise ConfigError(f"{path}: decision.rule={rule!r} is not a known rule ({', '.join(sorted(DECISION_RULES))})")
-    level = decision.get("level", 0.95)
+    level = decision.get("level", DECISION_DEFAULTS["level"])
     if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 < level < 1.0:
         raise ConfigError(f"{path}: decision.level={level!r} must be a number in (0, 1), e.g. 0.95")
 

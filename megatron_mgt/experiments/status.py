@@ -126,8 +126,9 @@ EVOLUTION_POINT_MARGIN = 0.01  # one evolution point (8 held-out batches, 64 ran
 
 
 def parse_deadline(text: str, now: dt.datetime | None = None) -> float:
-    """`--deadline` as epoch seconds: '+90' or '+90m' (minutes from now), '+2h', 'HH:MM' (today,
-    local time) or an ISO date-time ('2026-12-07T15:05'); a time already past is an error."""
+    """`--deadline` as epoch seconds: '+90' or '+90m' (minutes from now), '+2h', 'HH:MM' (its
+    next occurrence in local time, as at(1) reads it: '00:25' at 22:15 is tomorrow's) or an ISO
+    date-time ('2026-12-07T15:05'; one already past is an error)."""
     now = now or dt.datetime.now()
     text = text.strip()
     rel = re.fullmatch(r"\+(\d+(?:\.\d+)?)([mh]?)", text)
@@ -136,6 +137,7 @@ def parse_deadline(text: str, now: dt.datetime | None = None) -> float:
     try:
         if re.fullmatch(r"\d{1,2}:\d{2}", text):
             at = dt.datetime.combine(now.date(), dt.time.fromisoformat(text.zfill(5)))
+            return (at if at >= now else at + dt.timedelta(days=1)).timestamp()
         else:
             at = dt.datetime.fromisoformat(text)
     except ValueError:
