@@ -11,15 +11,19 @@ few ulps of room."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from megatron_mgt.config import ConfigError, load_config
 from megatron_mgt.engine.ds_common import deepspeed_config
-from megatron_mgt.engine.pipeline import pipe_prefix, replay_init
+from megatron_mgt.engine.pipeline import pipe_prefix
+from megatron_mgt.engine.replay import replay_init
 from megatron_mgt.model import Transformer
-from tests.engine_runs import REFERENCE, SPLIT, STEPS, geometry_records, split, straight, train_records, valid_records
+from tests.engine_runs import REFERENCE, REPO, SPLIT, STEPS, geometry_records, split, straight, train_records, valid_records
 
 LOSS_TOL = 2e-6  # absolute, nats (fp32; measured 4.8e-7)
 NORM_TOL = 2e-6
@@ -167,3 +171,20 @@ def test_deepspeed_config_takes_training_knobs_from_the_yaml(tmp_path):
     bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     with pytest.raises(ConfigError, match="parallel.zero_stage=2"):
         deepspeed_config(cfg, 1, False)
+
+
+@pytest.mark.slow
+def test_zero3_never_holds_the_whole_model():
+    """ZeRO-3 builds the model partitioned (deepspeed.zero.Init) and replays the init one layer
+    at a time: a rank's peak is its shard plus a few layers, where building the whole model
+    costs all of it (48 blocks, d 512, 2 ranks; tests/zero3_init_memory.py)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "tests" / "zero3_init_memory.py")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        assert r["shard_bytes"] * 2 >= r["full_bytes"] and r["full_bytes"] > 40 * r["block_bytes"]
+        assert r["partitioned_kib"] * 1024 <= r["shard_bytes"] + 8 * r["block_bytes"], r  # its shard and a few layers in flight
+        assert r["whole_kib"] * 1024 >= 0.85 * r["full_bytes"], r  # the measure sees a whole model where one is built

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from megatron_mgt.config import ConfigError, ModelConfig, load_config
-from megatron_mgt.engine.pipeline import final_norm_stage, pipe_prefix, replay_init
+from megatron_mgt.engine.pipeline import final_norm_stage, pipe_prefix
+from megatron_mgt.engine.replay import replay_init
 from megatron_mgt.model import RESIDUAL_RULES, Transformer, lm_loss
 from megatron_mgt.model.norm import make_norm, norm_class
 

@@ -24,10 +24,11 @@ def lr_factor(step: int, train: TrainConfig) -> float:
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (dim >= 2), none on norms, biases and alpha."""
+    """Weight decay on matrices (dim >= 2), none on norms, biases and alpha. A ZeRO-3
+    partitioned parameter is a flat shard: its own shape is `ds_shape`."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) >= 2]
+    no_decay = [p for p in params if len(getattr(p, "ds_shape", p.shape)) < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

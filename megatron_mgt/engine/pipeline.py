@@ -14,9 +14,8 @@ the hidden states [B, T, d]. Stages are cut by `parallel.partition_method`: `bal
 (blocks only). Micro-batches per step = train.grad_accum_steps, run by `train_batch`.
 
 Initialisation equals the single engine's for the same seed without building the whole
-model at once: `replay_init` re-runs the construction order of `Transformer.__init__` on
-the CPU generator one module at a time and keeps the tensors of this stage's layers
-(tests/test_engines.py checks the replay against `Transformer`).
+model at once: `engine/replay.py` re-runs the construction order of `Transformer.__init__`
+on the CPU generator one module at a time, and the stage keeps its layers' tensors.
 
 Checkpoints are DeepSpeed's: CKPT/layer_NN-model_states.pt per layer (NN = index in the
 list above; the tied head has no file of its own), mp_rank_*_model_states.pt and
@@ -38,10 +37,11 @@ from megatron_mgt.engine.dist import dist_timeout, dp_slice, gather_objects, ini
 from megatron_mgt.engine.ds_common import deepspeed_config, ds_load, ds_save, import_deepspeed, update_norm
 from megatron_mgt.engine.optim import build_optimizer, set_schedule_step
 from megatron_mgt.engine.partition import layer_costs, partition_balanced
+from megatron_mgt.engine.replay import replay_init
 from megatron_mgt.geometry import LAYER_METRICS, layer_metrics, sublayer_geometry
 from megatron_mgt.model import lm_loss
 from megatron_mgt.model.block import Block
-from megatron_mgt.model.norm import make_norm, norm_class
+from megatron_mgt.model.norm import norm_class
 from megatron_mgt.model.residual import rule_type
 
 TIED_KEY = "embed"
@@ -130,37 +130,6 @@ def pipe_layer_file(directory: Path, layer: int) -> Path:
 def _file_layers(cfg: ModelConfig) -> range:
     """Pipeline layers that have a file: the tied head has none of its own."""
     return range(cfg.n_layers + 2 if cfg.tie_embeddings else cfg.n_layers + 3)
-
-
-def replay_init(cfg: ModelConfig, seed: int, keep: set[int]) -> dict[int, dict[str, torch.Tensor]]:
-    """State dicts of the pipeline layers in `keep`, exactly as `torch.manual_seed(seed);
-    Transformer(cfg)` would initialise them, building one module at a time on the CPU.
-
-    Mirrors `Transformer.__init__`: nn.Embedding (normal init), the blocks in order, the
-    final norm (make_norm), nn.Linear head (kaiming init), then normal_ on the embedding and, when
-    untied, on the head."""
-    n = cfg.n_layers
-    out: dict[int, dict[str, torch.Tensor]] = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        for i in range(n):
-            block = Block(cfg)
-            if i + 1 in keep:
-                out[i + 1] = {k: v.detach().clone() for k, v in block.state_dict().items()}
-            del block
-        norm = make_norm(cfg, cfg.d_model)
-        head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        nn.init.normal_(embed.weight, std=cfg.init_std)
-        if not cfg.tie_embeddings:
-            nn.init.normal_(head.weight, std=cfg.init_std)
-    if 0 in keep:
-        out[0] = {"weight": embed.weight.detach().clone()}
-    if n + 1 in keep:
-        out[n + 1] = {k: v.detach().clone() for k, v in norm.state_dict().items()}
-    if n + 2 in keep:
-        out[n + 2] = {"weight": (embed.weight if cfg.tie_embeddings else head.weight).detach().clone()}
-    return out
 
 
 def pipeline_module_class(parts: list[int] | None):

@@ -1,9 +1,14 @@
 """DeepSpeed ZeRO-1/2/3 data parallelism without a pipeline.
 
-The full model is built from the seed on every rank (same init as the single engine), then
-handed to `deepspeed.initialize` with a torch AdamW and the warmup-cosine LambdaLR, so no
-DeepSpeed op is JIT-compiled. ZeRO-2 shards gradients and optimizer state, ZeRO-3 also the
-parameters. Checkpoints: DeepSpeed's own files in the step dir (mp_rank_00_model_states.pt,
+The model gets the single engine's initialisation for the same seed and is handed to
+`deepspeed.initialize` with a torch AdamW and the warmup-cosine LambdaLR, so no DeepSpeed op
+is JIT-compiled. ZeRO-2 shards gradients and optimizer state and builds the full model on
+every rank. ZeRO-3 also shards the parameters, and never holds the whole model: it is built
+under `deepspeed.zero.Init` (each rank allocates its partition of a parameter as the module
+that owns it is constructed), then rank 0 replays the initialisation one layer at a time on
+the CPU (engine/replay.py) and scatters each layer (`GatheredParameters`, modifier rank 0),
+so the peak is one layer per rank, not the model (54 GB of fp32 weights for the 200-layer
+preset). Checkpoints: DeepSpeed's own files in the step dir (mp_rank_00_model_states.pt,
 *_optim_states.pt per rank); `mgt-convert` consolidates them into model.pt.
 """
 
@@ -18,8 +23,28 @@ from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult
 from megatron_mgt.engine.dist import all_mean, dist_timeout, dp_slice, init_distributed, resolve_backend, shutdown, use_bf16, weighted_mean
 from megatron_mgt.engine.ds_common import deepspeed_config, ds_load, ds_save, import_deepspeed, update_norm
 from megatron_mgt.engine.optim import build_optimizer
+from megatron_mgt.engine.replay import model_layer, replay_order, replayed_layers
 from megatron_mgt.engine.single import compile_blocks
 from megatron_mgt.model import Transformer, lm_loss
+
+
+def partitioned_model(deepspeed, cfg: Config, config: dict, rank: int) -> Transformer:
+    """ZeRO-3: Transformer(cfg.model) with each parameter partitioned over the ranks from the
+    moment it exists, then filled with the single engine's initialisation (`replayed_layers`
+    on rank 0, one layer gathered, written and re-partitioned at a time). Every rank walks
+    the layers in the same order: each gather is collective."""
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = Transformer(cfg.model)
+    replayed = replayed_layers(cfg.model, cfg.train.seed) if rank == 0 else None
+    for layer in replay_order(cfg.model):
+        state = next(replayed)[1] if replayed is not None else None
+        if layer == cfg.model.n_layers + 2 and cfg.model.tie_embeddings:
+            continue  # the embedding's weight, written as layer 0
+        module = model_layer(model, layer)
+        with torch.no_grad(), deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+            if state is not None:
+                module.load_state_dict(state)
+    return model
 
 
 class ZeroEngine(EngineBase):
@@ -32,11 +57,14 @@ class ZeroEngine(EngineBase):
         self.dp_rank, self.dp_size = env.rank, env.world_size
         deepspeed = import_deepspeed(self.device)
         deepspeed.init_distributed(dist_backend=resolve_backend(cfg, self.device), timeout=dist_timeout(cfg))
+        config = deepspeed_config(cfg, self.dp_size, use_bf16(cfg, self.device))
         torch.manual_seed(cfg.train.seed)
-        model = Transformer(cfg.model).to(self.device)
+        if cfg.parallel.zero_stage == 3:
+            model = partitioned_model(deepspeed, cfg, config, self.rank)
+        else:
+            model = Transformer(cfg.model).to(self.device)
         compile_blocks(model, cfg.model)  # before deepspeed.initialize
         optimizer, scheduler = build_optimizer(model, cfg.train)
-        config = deepspeed_config(cfg, self.dp_size, use_bf16(cfg, self.device))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.model = self.engine.module
 

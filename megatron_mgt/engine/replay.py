@@ -1,0 +1,65 @@
+"""The single engine's initialisation, one layer at a time, for engines that never hold the
+whole model: the pipeline (each stage keeps its layers) and ZeRO-3 (each rank keeps a
+partition of every parameter).
+
+`torch.manual_seed(seed); Transformer(cfg)` draws from the CPU generator in construction
+order: the embedding (nn.Embedding's normal init), the blocks in order, the final norm, the
+head (nn.Linear's kaiming init), then normal_ on the embedding and, when untied, on the
+head. `replayed_layers` re-runs that order building one module at a time, so a layer's
+tensors are bit-equal to the full model's while at most the embedding and one block exist
+(tests/test_engines.py checks it against `Transformer`). Layers are numbered as the pipeline
+numbers them: 0 embedding, 1..L blocks, L+1 final norm, L+2 head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from megatron_mgt.config import ModelConfig
+from megatron_mgt.model import Transformer
+from megatron_mgt.model.block import Block
+from megatron_mgt.model.norm import make_norm
+
+
+def replay_order(cfg: ModelConfig) -> list[int]:
+    """The layers in the order `replayed_layers` yields them: the blocks and the final norm
+    as they are built, then the embedding and head once their final normal_ init is drawn."""
+    n = cfg.n_layers
+    return [*range(1, n + 2), 0, n + 2]
+
+
+def replayed_layers(cfg: ModelConfig, seed: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(layer, state dict) in `replay_order`, as `torch.manual_seed(seed); Transformer(cfg)`
+    would initialise them; the head of a tied model is the embedding's weight. The caller's
+    RNG state is left alone."""
+    n = cfg.n_layers
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        for i in range(n):
+            yield i + 1, {k: v.detach().clone() for k, v in Block(cfg).state_dict().items()}
+        yield n + 1, {k: v.detach().clone() for k, v in make_norm(cfg, cfg.d_model).state_dict().items()}
+        head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        nn.init.normal_(embed.weight, std=cfg.init_std)
+        if not cfg.tie_embeddings:
+            nn.init.normal_(head.weight, std=cfg.init_std)
+        yield 0, {"weight": embed.weight.detach().clone()}
+        yield n + 2, {"weight": (embed.weight if cfg.tie_embeddings else head.weight).detach().clone()}
+
+
+def replay_init(cfg: ModelConfig, seed: int, keep: set[int]) -> dict[int, dict[str, torch.Tensor]]:
+    """The state dicts of the layers in `keep` (a pipeline stage's), from `replayed_layers`."""
+    return {layer: state for layer, state in replayed_layers(cfg, seed) if layer in keep}
+
+
+def model_layer(model: Transformer, layer: int) -> nn.Module:
+    """The module of `model` that holds layer `layer` (numbered as in `replayed_layers`)."""
+    n = model.cfg.n_layers
+    if layer == 0:
+        return model.embed
+    if layer <= n:
+        return model.layers[str(layer - 1)]
+    return model.norm if layer == n + 1 else model.head
