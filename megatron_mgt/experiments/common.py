@@ -418,6 +418,8 @@ def run_grid(specs: Sequence[tuple[Config, str]], pool: Path, desc: str, evoluti
             if outcome is not None:
                 outcomes[i] = outcome
                 bar.update(1)
+    if len(outcomes) < len(specs):  # the bar ends short of its total: say why
+        bar.set_postfix_str(f"{len(specs) - len(outcomes)} held by another runner, left to it")
     bar.close()
     kept = []
     for i in range(len(specs)):
