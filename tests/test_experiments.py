@@ -519,6 +519,8 @@ def test_deadline_gate_starts_only_runs_that_end_in_time(micro, tmp_path, monkey
     with pytest.raises(ConfigError, match="has passed"):
         status.parse_deadline("2026-12-07T11:00Z", utc)
     assert status.parse_deadline("11:00", now) == dt.datetime(2026, 12, 8, 11, 0).timestamp()  # a clock time past today: tomorrow's
+    with pytest.raises(ConfigError, match="passed 10 min ago; for tomorrow's give 2026-12-08T11:50"):
+        status.parse_deadline("11:50", now)  # just past: a slip, not a deadline 24 h away
     with pytest.raises(ConfigError, match="has passed"):
         status.parse_deadline("2026-12-07T11:59", now)
     for bad in ("soon", "+x", "25:00"):

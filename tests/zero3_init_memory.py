@@ -19,6 +19,11 @@ from megatron_mgt.engine.ds_common import deepspeed_config, import_deepspeed
 from megatron_mgt.engine.zero import partitioned_model
 from megatron_mgt.model import Transformer
 
+OVERRIDES = [
+    "model.residual=mgt", "model.n_layers=48", "model.d_model=512", "model.n_heads=8", "model.vocab_size=256", "train.device=cpu",
+    "parallel.engine=deepspeed_zero", "parallel.zero_stage=3", "parallel.deepspeed_config=configs/deepspeed/zero3.json", "train.micro_batch_size=1",
+]  # fmt: skip
+
 
 def rss_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read())[1])
@@ -33,11 +38,7 @@ def gained_kib(build) -> tuple[object, int]:
 
 
 def main() -> None:
-    cfg = load_config(
-        None,
-        ["model.n_layers=48", "model.d_model=512", "model.n_heads=8", "model.vocab_size=256", "model.residual=mgt", "train.device=cpu",
-         "parallel.engine=deepspeed_zero", "parallel.zero_stage=3", "parallel.deepspeed_config=configs/deepspeed/zero3.json", "train.micro_batch_size=1"],
-    )  # fmt: skip
+    cfg = load_config(None, OVERRIDES)
     dist.init_process_group("gloo")
     deepspeed = import_deepspeed(torch.device("cpu"))
     deepspeed.init_distributed(dist_backend="gloo")
@@ -48,7 +49,13 @@ def main() -> None:
     block_bytes = 4 * sum(p.ds_numel for p in model.layers["0"].parameters())
     del model
     _, whole = gained_kib(lambda: Transformer(cfg.model))
-    print(json.dumps({"rank": dist.get_rank(), "partitioned_kib": partitioned, "whole_kib": whole, "full_bytes": full_bytes, "shard_bytes": shard_bytes, "block_bytes": block_bytes}), flush=True)
+    # bf16: zero.Init makes parameters bf16; the fixed alpha buffer must stay fp32 and exact on every rank
+    small = load_config(None, [*OVERRIDES, "model.n_layers=2", "model.final_norm=false", "model.mgt.alpha_mode=fixed", "train.precision=bf16"])
+    bf16_model = partitioned_model(deepspeed, small, deepspeed_config(small, dist.get_world_size(), True), dist.get_rank())
+    alphas = [b for name, b in bf16_model.named_buffers() if name.endswith("alpha")]
+    report = {"rank": dist.get_rank(), "partitioned_kib": partitioned, "whole_kib": whole, "full_bytes": full_bytes, "shard_bytes": shard_bytes, "block_bytes": block_bytes}
+    report.update(param_dtypes=sorted({str(p.dtype) for p in bf16_model.parameters()}), alpha_dtypes=sorted({str(b.dtype) for b in alphas}), alpha_values=sorted({b.item() for b in alphas}))
+    print(json.dumps(report), flush=True)
     dist.destroy_process_group()
 
 

@@ -6,8 +6,8 @@ partition of every parameter).
 order: the embedding (nn.Embedding's normal init), the blocks in order, the final norm, the
 head (nn.Linear's kaiming init), then normal_ on the embedding and, when untied, on the
 head. `replayed_layers` re-runs that order building one module at a time, so a layer's
-tensors are bit-equal to the full model's while at most the embedding and one block exist
-(tests/test_engines.py checks it against `Transformer`). Layers are numbered as the pipeline
+tensors are bit-equal to the full model's while only the embedding and the layer being
+yielded exist (tests/test_engines.py checks it against `Transformer`). Layers are numbered as the pipeline
 numbers them: 0 embedding, 1..L blocks, L+1 final norm, L+2 head.
 """
 
@@ -33,25 +33,28 @@ def replay_order(cfg: ModelConfig) -> list[int]:
 
 def replayed_layers(cfg: ModelConfig, seed: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
     """(layer, state dict) in `replay_order`, as `torch.manual_seed(seed); Transformer(cfg)`
-    would initialise them; the head of a tied model is the embedding's weight. The caller's
-    RNG state is left alone."""
+    would initialise them: the final norm's is empty without `final_norm` (nn.Identity),
+    the head of a tied model is the embedding's weight. Each yielded tensor belongs to a
+    module nothing else holds (no copies). The caller's RNG state is left alone, also when
+    the caller stops early (`close()` the generator, or let it be collected)."""
     n = cfg.n_layers
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         for i in range(n):
-            yield i + 1, {k: v.detach().clone() for k, v in Block(cfg).state_dict().items()}
-        yield n + 1, {k: v.detach().clone() for k, v in make_norm(cfg, cfg.d_model).state_dict().items()}
+            yield i + 1, Block(cfg).state_dict()
+        yield n + 1, make_norm(cfg, cfg.d_model).state_dict() if cfg.final_norm else {}  # norms draw no random numbers
         head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(embed.weight, std=cfg.init_std)
         if not cfg.tie_embeddings:
             nn.init.normal_(head.weight, std=cfg.init_std)
-        yield 0, {"weight": embed.weight.detach().clone()}
-        yield n + 2, {"weight": (embed.weight if cfg.tie_embeddings else head.weight).detach().clone()}
+        yield 0, {"weight": embed.weight.detach()}
+        yield n + 2, {"weight": (embed.weight if cfg.tie_embeddings else head.weight).detach()}
 
 
 def replay_init(cfg: ModelConfig, seed: int, keep: set[int]) -> dict[int, dict[str, torch.Tensor]]:
-    """The state dicts of the layers in `keep` (a pipeline stage's), from `replayed_layers`."""
+    """The state dicts of the layers in `keep` (a pipeline stage's), from `replayed_layers`;
+    the layers it does not keep are dropped as they are built."""
     return {layer: state for layer, state in replayed_layers(cfg, seed) if layer in keep}
 
 

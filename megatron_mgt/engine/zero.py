@@ -7,8 +7,8 @@ every rank. ZeRO-3 also shards the parameters, and never holds the whole model: 
 under `deepspeed.zero.Init` (each rank allocates its partition of a parameter as the module
 that owns it is constructed), then rank 0 replays the initialisation one layer at a time on
 the CPU (engine/replay.py) and scatters each layer (`GatheredParameters`, modifier rank 0),
-so the peak is one layer per rank, not the model (54 GB of fp32 weights for the 200-layer
-preset). Checkpoints: DeepSpeed's own files in the step dir (mp_rank_00_model_states.pt,
+so a rank's peak is its shard plus the layer being written (and, on rank 0, the replay's
+copy of it), not the model (54 GB of fp32 weights for the 200-layer preset). Checkpoints: DeepSpeed's own files in the step dir (mp_rank_00_model_states.pt,
 *_optim_states.pt per rank); `mgt-convert` consolidates them into model.pt.
 """
 
@@ -32,9 +32,15 @@ def partitioned_model(deepspeed, cfg: Config, config: dict, rank: int) -> Transf
     """ZeRO-3: Transformer(cfg.model) with each parameter partitioned over the ranks from the
     moment it exists, then filled with the single engine's initialisation (`replayed_layers`
     on rank 0, one layer gathered, written and re-partitioned at a time). Every rank walks
-    the layers in the same order: each gather is collective."""
+    the layers in the same order: each gather is collective. zero.Init creates every floating
+    tensor in the compute dtype, buffers too; buffers are not partitioned and stay fp32 as
+    on the unpartitioned path (alpha_mode=fixed: 0.1, not bf16's 0.10009765625), written
+    on rank 0 and then broadcast."""
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = Transformer(cfg.model)
+    buffers = [b for b in model.buffers() if b.is_floating_point()]
+    for b in buffers:
+        b.data = b.data.float()
     replayed = replayed_layers(cfg.model, cfg.train.seed) if rank == 0 else None
     for layer in replay_order(cfg.model):
         state = next(replayed)[1] if replayed is not None else None
@@ -44,6 +50,10 @@ def partitioned_model(deepspeed, cfg: Config, config: dict, rank: int) -> Transf
         with torch.no_grad(), deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
             if state is not None:
                 module.load_state_dict(state)
+    if replayed is not None:
+        replayed.close()  # every layer taken: restores the caller's RNG state now
+    for b in buffers:
+        torch.distributed.broadcast(b.data, src=0)
     return model
 
 

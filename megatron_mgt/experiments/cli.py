@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         common.START_GATE = None
         if args.deadline is not None:
             deadline = status.parse_deadline(args.deadline)
-            print(f"deadline {dt.datetime.fromtimestamp(deadline):%Y-%m-%d %H:%M} (local): no run starts unless its estimate ends by then", file=sys.stderr)
+            print(f"deadline {dt.datetime.fromtimestamp(deadline):%Y-%m-%d %H:%M} (local): a run starts only if its estimate ends by then (one without an estimate: only before then)", file=sys.stderr)
             common.START_GATE = status.deadline_gate(deadline)
         if args.status:
             steps = campaign_steps(args.preset) if args.name == "campaign" else [{"experiment": args.name, "preset": args.preset, "overrides": []}]

@@ -127,21 +127,23 @@ EVOLUTION_POINT_MARGIN = 0.01  # one evolution point (8 held-out batches, 64 ran
 
 def parse_deadline(text: str, now: dt.datetime | None = None) -> float:
     """`--deadline` as epoch seconds: '+90' or '+90m' (minutes from now), '+2h', 'HH:MM' (its
-    next occurrence in local time, as at(1) reads it: '00:25' at 22:15 is tomorrow's) or an ISO
-    date-time ('2026-12-07T15:05'; one already past is an error)."""
+    next occurrence in local time, as at(1) reads it: '00:25' at 22:15 is tomorrow's, but one
+    passed less than an hour ago is an error) or an ISO date-time ('2026-12-07T15:05'; one
+    already past is an error)."""
     now = now or dt.datetime.now()
     text = text.strip()
     rel = re.fullmatch(r"\+(\d+(?:\.\d+)?)([mh]?)", text)
     if rel:
         return now.timestamp() + float(rel[1]) * (3600 if rel[2] == "h" else 60)
+    clock = re.fullmatch(r"\d{1,2}:\d{2}", text)
     try:
-        if re.fullmatch(r"\d{1,2}:\d{2}", text):
-            at = dt.datetime.combine(now.date(), dt.time.fromisoformat(text.zfill(5)))
-            return (at if at >= now else at + dt.timedelta(days=1)).timestamp()
-        else:
-            at = dt.datetime.fromisoformat(text)
+        at = dt.datetime.combine(now.date(), dt.time.fromisoformat(text.zfill(5))) if clock else dt.datetime.fromisoformat(text)
     except ValueError:
         raise ConfigError(f"--deadline {text!r}: expected +MINUTES, +HOURSh, HH:MM or YYYY-MM-DDTHH:MM") from None
+    if clock:  # its next occurrence
+        if now - dt.timedelta(hours=1) < at < now:  # most likely a slip, not tomorrow's
+            raise ConfigError(f"--deadline {text}: passed {(now - at).seconds // 60} min ago; for tomorrow's give {at + dt.timedelta(days=1):%Y-%m-%dT%H:%M}")
+        return (at if at >= now else at + dt.timedelta(days=1)).timestamp()
     if at.tzinfo is not None:  # '...T15:05Z' or '+01:00': compared in its own zone
         now = now.astimezone(at.tzinfo) if now.tzinfo else now.astimezone().astimezone(at.tzinfo)
     if at < now:
