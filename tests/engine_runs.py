@@ -62,18 +62,19 @@ ENGINES = {
         "parallel.activation_checkpoint_interval": 1,
     },
 }
-# ZeRO-3's partitioned build on the other paths of the replayed init: an untied head, no
+# ZeRO-3's and FSDP's layer-by-layer init on the other paths of the replay: an untied head, no
 # final norm (nn.Identity), a fixed alpha (a buffer, not a parameter)
 VARIANT_MODEL = {"model.tie_embeddings": False, "model.final_norm": False, "model.mgt.alpha_mode": "fixed", "train.lr": 0.01}  # lr: moves the loss in 6 steps
 ENGINES["single_variant"] = {**ENGINES["single"], **VARIANT_MODEL}
 ENGINES["zero3_variant"] = {**ENGINES["zero3"], **VARIANT_MODEL}
+ENGINES["fsdp_variant"] = {**ENGINES["fsdp"], **VARIANT_MODEL}
 # FSDP2 reduce-scattering after every micro-batch (sharded gradient accumulation)
 ENGINES["fsdp_rs_micro"] = {**ENGINES["fsdp"], "parallel.fsdp_reduce_every_micro_batch": True}
 # model.compile under the data-parallel engines (blocks compiled before fully_shard / deepspeed.initialize)
 ENGINES["fsdp_compiled"] = {**ENGINES["fsdp"], "model.compile": True}
 ENGINES["zero2_compiled"] = {**ENGINES["zero2"], "model.compile": True}
 # engine -> the one-process (eager) run it must match
-REFERENCE = {"pipe": "single", "pipe_dp2": "single", "fsdp_rs_micro": "single", "fsdp": "single", "zero2": "single", "zero3": "single", "zero3_variant": "single_variant", "pipe_ckpt": "single_untied",
+REFERENCE = {"pipe": "single", "pipe_dp2": "single", "fsdp_rs_micro": "single", "fsdp": "single", "zero2": "single", "zero3": "single", "zero3_variant": "single_variant", "fsdp_variant": "single_variant", "pipe_ckpt": "single_untied",
              "fsdp_compiled": "single", "zero2_compiled": "single"}
 COMMON = {
     "train.max_steps": STEPS,

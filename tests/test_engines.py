@@ -174,12 +174,13 @@ def test_deepspeed_config_takes_training_knobs_from_the_yaml(tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_never_holds_the_whole_model():
-    """ZeRO-3 builds the model partitioned (deepspeed.zero.Init) and replays the init one layer
-    at a time: a rank's peak is its shard plus a few layers, where building the whole model
-    costs all of it (48 blocks, d 512, 2 ranks; tests/zero3_init_memory.py)."""
+def test_sharded_builds_never_hold_the_whole_model():
+    """ZeRO-3 builds the model partitioned (deepspeed.zero.Init), FSDP on meta then its shards,
+    and both replay the init one layer at a time: a rank's peak is its shard plus a few
+    layers, where building the whole model costs all of it (48 blocks, d 512, 2 ranks;
+    tests/sharded_init_memory.py)."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", MALLOC_MMAP_THRESHOLD_="65536")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "tests" / "zero3_init_memory.py")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / "tests" / "sharded_init_memory.py")]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -187,5 +188,6 @@ def test_zero3_never_holds_the_whole_model():
     for r in ranks:
         assert r["shard_bytes"] * 2 >= r["full_bytes"] and r["full_bytes"] > 40 * r["block_bytes"]
         assert r["partitioned_kib"] * 1024 <= r["shard_bytes"] + 8 * r["block_bytes"], r  # its shard and a few layers in flight
+        assert r["fsdp_kib"] * 1024 <= r["shard_bytes"] + 8 * r["block_bytes"], r
         assert r["whole_kib"] * 1024 >= 0.85 * r["full_bytes"], r  # the measure sees a whole model where one is built
         assert r["param_dtypes"] == ["torch.bfloat16"] and r["alpha_dtypes"] == ["torch.float32"] and r["alpha_values"] == [torch.tensor(0.1).item()], r  # fp32 0.1, not bf16 0.10009765625

@@ -5,12 +5,13 @@ Parameters, gradients and optimizer state are sharded over all ranks (ZeRO-3-lik
 backward, ZeRO-2-like). On CUDA with bf16 the MixedPrecisionPolicy computes in bf16 and
 reduces gradients in fp32; on CPU everything is fp32.
 
-Initialisation equals the single engine's without any rank holding the whole model on its
-device: every rank builds the model on the meta device, shards it, and allocates only its
-shards (`to_empty`); rank 0 builds the full model from the seed in host memory and
-`set_model_state_dict(..., broadcast_from_rank0=True)` sends each tensor's shards out (at the
-200-layer preset: 54 GB of host memory on rank 0, 1/world of it per device). Every rank then
-takes rank 0's RNG state, as if it had built the model itself.
+Initialisation equals the single engine's without any rank ever holding the whole model:
+every rank builds the model on the meta device, shards it, and allocates only its shards
+(`to_empty`); rank 0 replays the single engine's init one layer at a time on the CPU
+(engine/replay.py, as the pipeline and ZeRO-3 do) and `set_model_state_dict(layer, ...,
+broadcast_from_rank0=True)` sends each layer's shards out (at the 200-layer preset: 0.27 GB
+for a block plus 0.26 GB for the embedding in rank 0's host memory, instead of the model's
+54 GB). Every rank's global RNG is seeded alike.
 
 Gradients: by default the micro-batches accumulate unsharded gradients and reduce-scatter once
 per step (the least communication); `parallel.fsdp_reduce_every_micro_batch=true`
@@ -35,6 +36,7 @@ from megatron_mgt.config import Config, ModelConfig
 from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult, checkpoint_step
 from megatron_mgt.engine.dist import all_mean, all_sum, dp_slice, init_distributed, shutdown, use_bf16, weighted_mean
 from megatron_mgt.engine.optim import build_optimizer, finish_step, set_schedule_step
+from megatron_mgt.engine.replay import model_layer, replay_order, replayed_layers
 from megatron_mgt.engine.single import compile_blocks
 from megatron_mgt.model import Transformer, lm_loss
 
@@ -53,17 +55,22 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     return total
 
 
-def materialise_from_rank0(model: torch.nn.Module, cfg: ModelConfig, seed: int, rank: int) -> None:
+def materialise_from_rank0(model: Transformer, seed: int, rank: int) -> None:
     """Fill a sharded, allocated (to_empty) model with the single engine's initialisation:
-    rank 0 builds Transformer(cfg) from `seed` on the CPU and broadcasts its full state dict,
-    each rank keeping its shards; then every rank takes rank 0's RNG state."""
-    torch.manual_seed(seed)
-    full = Transformer(cfg).state_dict() if rank == 0 else {}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    del full
-    rng = [torch.get_rng_state()]
-    dist.broadcast_object_list(rng, src=0)
-    torch.set_rng_state(rng[0])
+    rank 0 replays it layer by layer (`replayed_layers`) and broadcasts each layer's full
+    state, every rank keeping its shards. Every rank walks the layers in the same order (each
+    broadcast is collective)."""
+    cfg = model.cfg
+    torch.manual_seed(seed)  # the replay forks the RNG: every rank leaves with the same state
+    replayed = replayed_layers(cfg, seed) if rank == 0 else None
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    for layer in replay_order(cfg):
+        state = next(replayed)[1] if replayed is not None else {}
+        if layer == cfg.n_layers + 2 and cfg.tie_embeddings:
+            continue  # the embedding's weight, written as layer 0
+        set_model_state_dict(model_layer(model, layer), state, options=options)
+    if replayed is not None:
+        replayed.close()
 
 
 class FSDPEngine(EngineBase):
@@ -85,7 +92,7 @@ class FSDPEngine(EngineBase):
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         model.to_empty(device=self.device)
-        materialise_from_rank0(model, cfg.model, cfg.train.seed, self.rank)
+        materialise_from_rank0(model, cfg.train.seed, self.rank)
         self.model = model
         self.optimizer, self.scheduler = build_optimizer(model, cfg.train)
 
