@@ -1,6 +1,6 @@
 """The single engine's initialisation, one layer at a time, for engines that never hold the
-whole model: the pipeline (each stage keeps its layers) and ZeRO-3 (each rank keeps a
-partition of every parameter).
+whole model: the pipeline (each stage keeps its layers), ZeRO-3 and FSDP (each rank keeps
+a shard of every parameter; rank 0 replays and sends each layer out as it is built).
 
 `torch.manual_seed(seed); Transformer(cfg)` draws from the CPU generator in construction
 order: the embedding (nn.Embedding's normal init), the blocks in order, the final norm, the
