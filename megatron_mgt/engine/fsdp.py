@@ -9,9 +9,9 @@ Initialisation equals the single engine's without any rank ever holding the whol
 every rank builds the model on the meta device, shards it, and allocates only its shards
 (`to_empty`); rank 0 replays the single engine's init one layer at a time on the CPU
 (engine/replay.py, as the pipeline and ZeRO-3 do) and `set_model_state_dict(layer, ...,
-broadcast_from_rank0=True)` sends each layer's shards out (at the 200-layer preset: 0.27 GB
-for a block plus 0.26 GB for the embedding in rank 0's host memory, instead of the model's
-54 GB). Every rank's global RNG is seeded alike.
+broadcast_from_rank0=True)` sends each layer's shards out (at the 200-layer preset rank 0's
+host holds a block, 0.27 GB, the embedding, 0.26 GB, and at the end the head, 0.26 GB,
+instead of the model's 54 GB). Every rank's global RNG is seeded alike.
 
 Gradients: by default the micro-batches accumulate unsharded gradients and reduce-scatter once
 per step (the least communication); `parallel.fsdp_reduce_every_micro_batch=true`
@@ -36,7 +36,7 @@ from megatron_mgt.config import Config, ModelConfig
 from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult, checkpoint_step
 from megatron_mgt.engine.dist import all_mean, all_sum, dp_slice, init_distributed, shutdown, use_bf16, weighted_mean
 from megatron_mgt.engine.optim import build_optimizer, finish_step, set_schedule_step
-from megatron_mgt.engine.replay import model_layer, replay_order, replayed_layers
+from megatron_mgt.engine.replay import holds_own_tensors, model_layer, replay_order, replayed_layers
 from megatron_mgt.engine.single import compile_blocks
 from megatron_mgt.model import Transformer, lm_loss
 
@@ -64,13 +64,14 @@ def materialise_from_rank0(model: Transformer, seed: int, rank: int) -> None:
     torch.manual_seed(seed)  # the replay forks the RNG: every rank leaves with the same state
     replayed = replayed_layers(cfg, seed) if rank == 0 else None
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-    for layer in replay_order(cfg):
-        state = next(replayed)[1] if replayed is not None else {}
-        if layer == cfg.n_layers + 2 and cfg.tie_embeddings:
-            continue  # the embedding's weight, written as layer 0
-        set_model_state_dict(model_layer(model, layer), state, options=options)
-    if replayed is not None:
-        replayed.close()
+    try:
+        for layer in replay_order(cfg):
+            state = next(replayed)[1] if replayed is not None else {}
+            if holds_own_tensors(cfg, layer):  # the same on every rank: each broadcast is collective
+                set_model_state_dict(model_layer(model, layer), state, options=options)
+    finally:
+        if replayed is not None:
+            replayed.close()
 
 
 class FSDPEngine(EngineBase):

@@ -6,8 +6,8 @@ a shard of every parameter; rank 0 replays and sends each layer out as it is bui
 order: the embedding (nn.Embedding's normal init), the blocks in order, the final norm, the
 head (nn.Linear's kaiming init), then normal_ on the embedding and, when untied, on the
 head. `replayed_layers` re-runs that order building one module at a time, so a layer's
-tensors are bit-equal to the full model's while only the embedding and the layer being
-yielded exist (tests/test_engines.py checks it against `Transformer`). Layers are numbered as the pipeline
+tensors are bit-equal to the full model's while only the embedding, the layer being
+yielded and (at the end) the head exist (tests/test_engines.py checks it against `Transformer`). Layers are numbered as the pipeline
 numbers them: 0 embedding, 1..L blocks, L+1 final norm, L+2 head.
 """
 
@@ -29,6 +29,13 @@ def replay_order(cfg: ModelConfig) -> list[int]:
     as they are built, then the embedding and head once their final normal_ init is drawn."""
     n = cfg.n_layers
     return [*range(1, n + 2), 0, n + 2]
+
+
+def holds_own_tensors(cfg: ModelConfig, layer: int) -> bool:
+    """Whether a layer has tensors of its own to write: not the tied head (the embedding's
+    weight) nor the final norm of a model without one (nn.Identity)."""
+    n = cfg.n_layers
+    return not ((layer == n + 2 and cfg.tie_embeddings) or (layer == n + 1 and not cfg.final_norm))
 
 
 def replayed_layers(cfg: ModelConfig, seed: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:

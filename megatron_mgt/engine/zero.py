@@ -23,7 +23,7 @@ from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult
 from megatron_mgt.engine.dist import all_mean, dist_timeout, dp_slice, init_distributed, resolve_backend, shutdown, use_bf16, weighted_mean
 from megatron_mgt.engine.ds_common import deepspeed_config, ds_load, ds_save, import_deepspeed, update_norm
 from megatron_mgt.engine.optim import build_optimizer
-from megatron_mgt.engine.replay import model_layer, replay_order, replayed_layers
+from megatron_mgt.engine.replay import holds_own_tensors, model_layer, replay_order, replayed_layers
 from megatron_mgt.engine.single import compile_blocks
 from megatron_mgt.model import Transformer, lm_loss
 
@@ -42,16 +42,18 @@ def partitioned_model(deepspeed, cfg: Config, config: dict, rank: int) -> Transf
     for b in buffers:
         b.data = b.data.float()
     replayed = replayed_layers(cfg.model, cfg.train.seed) if rank == 0 else None
-    for layer in replay_order(cfg.model):
-        state = next(replayed)[1] if replayed is not None else None
-        if layer == cfg.model.n_layers + 2 and cfg.model.tie_embeddings:
-            continue  # the embedding's weight, written as layer 0
-        module = model_layer(model, layer)
-        with torch.no_grad(), deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
-            if state is not None:
-                module.load_state_dict(state)
-    if replayed is not None:
-        replayed.close()  # every layer taken: restores the caller's RNG state now
+    try:
+        for layer in replay_order(cfg.model):
+            state = next(replayed)[1] if replayed is not None else None
+            if not holds_own_tensors(cfg.model, layer):
+                continue
+            module = model_layer(model, layer)
+            with torch.no_grad(), deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=0):
+                if state is not None:
+                    module.load_state_dict(state)
+    finally:
+        if replayed is not None:
+            replayed.close()  # restores the caller's RNG state now, also after an error
     for b in buffers:
         torch.distributed.broadcast(b.data, src=0)
     return model
