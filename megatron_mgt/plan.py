@@ -32,6 +32,15 @@ aggregate file-system bandwidth (--ckpt-write-gbps).
 
 With tied embeddings, the first and the last stage each hold a copy of the tied matrix
 (DeepSpeed's TiedLayerSpec); the total parameter count counts it once.
+
+The data-parallel sharded engines (`parallel.engine` fsdp or deepspeed_zero; one "stage",
+no pipeline) keep other states per GPU (`state_layout`): ZeRO-2 shards the gradients too,
+ZeRO-3 the bf16 weights as well and gathers two blocks at a time (the one running and the
+one prefetched); FSDP2 keeps fp32 weight shards (its own master copy) with AdamW's m and v
+(8 B), gathers two blocks in the compute dtype (every block with
+`fsdp_reshard_after_forward=false`), and its gradients are sharded fp32 unless several
+micro-batches accumulate unsharded (fp32, every parameter: the default
+`fsdp_reduce_every_micro_batch=false`). Other engines are planned as the pipeline.
 """
 
 from __future__ import annotations
@@ -39,7 +48,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from unittest import mock
 
 import torch
@@ -76,6 +85,34 @@ class Cluster:
 
 
 @dataclass
+class StateLayout:
+    """Bytes per parameter of each training state on a GPU, and which are sharded over the
+    data-parallel ranks; `gathered_blocks` blocks are held whole, in the compute dtype."""
+
+    engine: str
+    weight_bytes: int
+    weights_sharded: bool
+    grad_bytes: int
+    grads_sharded: bool
+    optimizer_bytes: int  # always sharded over dp (ZeRO-1 and up, FSDP)
+    gathered_blocks: int
+
+
+def state_layout(cfg: Config, bf16: bool, micro_batches: int) -> StateLayout:
+    """Where each state lives for `parallel.engine` (the module docstring's memory model)."""
+    par, wbytes = cfg.parallel, 2 if bf16 else 4
+    grad = GRAD_ACCUM_BYTES + (wbytes if bf16 else 0)  # fp32 accumulation + the bf16 .grad
+    if par.engine == "fsdp":
+        sharded_grads = par.fsdp_reduce_every_micro_batch or micro_batches == 1
+        gathered = 2 if par.fsdp_reshard_after_forward else cfg.model.n_layers
+        return StateLayout("fsdp (FSDP2)", 4, True, 4, sharded_grads, ADAM_STATE_BYTES - 4, gathered)
+    if par.engine == "deepspeed_zero":
+        stage = par.zero_stage
+        return StateLayout(f"deepspeed_zero (ZeRO-{stage})", wbytes, stage == 3, grad, stage >= 2, ADAM_STATE_BYTES, 2 if stage == 3 else 0)
+    return StateLayout("pipeline (ZeRO-1)", wbytes, False, grad, False, ADAM_STATE_BYTES, 0)
+
+
+@dataclass
 class Stage:
     index: int
     items: list[str]  # "embed", "layers.0", ..., "head"
@@ -107,6 +144,7 @@ class Plan:
     layer_activation_mb: float  # one block, one micro-batch, every saved tensor
     layer_input_mb: float  # what a checkpointed block keeps
     head_activation_mb: float = 0.0  # head + loss, one micro-batch
+    layout: StateLayout | None = None  # bytes per parameter of each state on a GPU (state_layout)
     checkpoint_gb: float = 0.0  # one training checkpoint, all ranks together
     checkpoint_write_s: float = 0.0  # at cluster.ckpt_write_gbps
     over: list[int] = field(default_factory=list)  # stages above the GPU memory
@@ -114,6 +152,7 @@ class Plan:
     advice_total_gb: float = 0.0  # that fullest stage
     stages: list[Stage] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the plan assumed that the preset asked otherwise
 
     @property
     def fits(self) -> bool:
@@ -259,26 +298,36 @@ def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
     stream_width = model.rule_type.expand(torch.empty(1, 1, m_cfg.d_model, device="meta"), m_cfg).shape[-1]  # n*d for mhc_nstream
     layer_input = mbs * seq * stream_width * torch.empty(0, dtype=dtype).element_size()
 
-    grad_bytes = GRAD_ACCUM_BYTES + (wbytes if bf16 else 0)
+    layout = state_layout(cfg, bf16, micro)
+    if layout.gathered_blocks and p > 1:
+        problems.append(f"parallel.engine={cfg.parallel.engine} has no pipeline: plan it with --pp 1")
+    gathered = layout.gathered_blocks * max(counts[1 : m_cfg.n_layers + 1], default=0) * wbytes
     parts = []  # per stage: items, parameters, blocks, micro-batches in flight (1F1B: p - s), head activations
     for s in range(p):
         items = names[bounds[s] : bounds[s + 1]]
         n_blocks = sum(1 for it in items if it.startswith("layers."))
-        parts.append((items, sum(counts[bounds[s] : bounds[s + 1]]), n_blocks, min(p - s, micro), head_act if "head" in items else 0))
+        shared = counts[-1] if m_cfg.tie_embeddings and "embed" in items and "head" in items else 0  # one stage holds the tied matrix once
+        parts.append((items, sum(counts[bounds[s] : bounds[s + 1]]) - shared, n_blocks, min(p - s, micro), head_act if "head" in items else 0))
 
     def stage(s: int, interval: int) -> Stage:
         items, n_s, n_blocks, in_flight, head = parts[s]
-        weights, grads, optim = n_s * wbytes, n_s * grad_bytes, n_s * ADAM_STATE_BYTES / dp
+        weights = n_s * layout.weight_bytes / (dp if layout.weights_sharded else 1) + gathered
+        grads = n_s * layout.grad_bytes / (dp if layout.grads_sharded else 1)
+        optim = n_s * layout.optimizer_bytes / dp
         act = stage_activations(in_flight, n_blocks, interval, layer_act, layer_input, head)
         total_gb = (weights + grads + optim + act) / GB + cluster.reserve_gb
         return Stage(s, items, n_s, weights / GB, grads / GB, optim / GB, in_flight, act / GB, total_gb, total_gb <= cluster.gpu_mem_gb)
 
+    pipelined, notes = cfg.parallel.engine not in ("fsdp", "deepspeed_zero"), []
+    if not pipelined and cluster.activation_checkpoint_interval:
+        cluster = replace(cluster, activation_checkpoint_interval=0)  # what the engine does
+        notes.append(f"parallel.engine={cfg.parallel.engine} does not checkpoint activations (only deepspeed_pipe does): planned without")
     stages = [stage(s, cluster.activation_checkpoint_interval) for s in range(p)]
     over = [st.index for st in stages if not st.fits]
     advice, advice_gb = 0, 0.0
-    if over:
+    if over and pipelined:
         advice_gb, advice = min((max(stage(s, k).total_gb for s in range(p)), k) for k in range(1, max(pt[2] for pt in parts) + 1))
-    ckpt = total * (wbytes + ADAM_STATE_BYTES)
+    ckpt = total * (layout.weight_bytes + layout.optimizer_bytes)
     return Plan(
         preset=preset,
         total_params=total,
@@ -295,6 +344,7 @@ def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
         partition=partition,
         layer_activation_mb=layer_act / 1e6,
         layer_input_mb=layer_input / 1e6,
+        layout=layout,
         head_activation_mb=head_act / 1e6,
         checkpoint_gb=ckpt / GB,
         checkpoint_write_s=ckpt / GB / cluster.ckpt_write_gbps,
@@ -303,6 +353,7 @@ def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
         advice_total_gb=advice_gb,
         stages=stages,
         problems=problems,
+        notes=notes,
     )
 
 
@@ -318,6 +369,17 @@ def _item_range(items: list[str]) -> str:
     return " + ".join(parts)
 
 
+def _layout_line(lay: StateLayout, dp: int) -> str:
+    def where(sharded: bool) -> str:
+        return f"/ dp {dp}" if sharded else "whole"
+
+    gathered = f", {lay.gathered_blocks} block(s) gathered whole" if lay.gathered_blocks else ""
+    return (
+        f"states      {lay.engine}, B/parameter per GPU: weights {lay.weight_bytes} {where(lay.weights_sharded)}, "
+        f"grads {lay.grad_bytes} {where(lay.grads_sharded)}, optimizer {lay.optimizer_bytes} / dp {dp}{gathered}"
+    )
+
+
 def format_plan(plan: Plan) -> str:
     c = plan.cluster
     lines = [
@@ -329,6 +391,7 @@ def format_plan(plan: Plan) -> str:
         f"activations per block per micro-batch {plan.layer_activation_mb:.1f} MB (checkpointed: {plan.layer_input_mb:.1f} MB); "
         f"checkpointing {f'every {c.activation_checkpoint_interval} block(s)' if c.activation_checkpoint_interval else 'off'}, attention matrix {'not kept (flash)' if c.flash_attention else 'kept'}",
         f"partition   {plan.partition}",
+        _layout_line(plan.layout, plan.dp),
         "",
         f"{'stage':>5}  {'holds':<26} {'params':>9} {'weights':>8} {'grads':>7} {'optim':>7} {'in-flight':>9} {'activ.':>8} {'total':>8}  fits",
         f"{'':>5}  {'':<26} {'(M)':>9} {'(GB)':>8} {'(GB)':>7} {'(GB)':>7} {'':>9} {'(GB)':>8} {'(GB)':>8}",
@@ -342,9 +405,11 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"(total includes a {c.reserve_gb:g} GB reserve for CUDA context, NCCL buffers and fragmentation)")
     for problem in plan.problems:
         lines.append(f"problem: {problem}")
-    per_param = 2 if plan.param_dtype == "bf16" else 4
+    for note in plan.notes:
+        lines.append(f"note: {note}")
+    lay = plan.layout
     lines.append(
-        f"checkpoint  {plan.checkpoint_gb:.1f} GB ({plan.param_dtype} weights + fp32 master, m, v: {per_param} + 12 B/parameter), "
+        f"checkpoint  {plan.checkpoint_gb:.1f} GB (weights + optimizer state: {lay.weight_bytes} + {lay.optimizer_bytes} B/parameter), "
         f"~{plan.checkpoint_write_s:.0f} s to write at {c.ckpt_write_gbps:g} GB/s aggregate (--ckpt-write-gbps)"
     )
     worst = max(plan.stages, key=lambda s: s.total_gb)
@@ -353,6 +418,10 @@ def format_plan(plan: Plan) -> str:
     if plan.over:
         over = ", ".join(f"{s.index} ({s.total_gb:.1f} GB)" for s in plan.stages if not s.fits)
         lines.append(f"over        stage(s) above {c.gpu_mem_gb:g} GB: {over}")
+    if plan.over and not plan.advice_interval:
+        grads = "; parallel.fsdp_reduce_every_micro_batch=true shards the gradients" if plan.layout.engine.startswith("fsdp") and not plan.layout.grads_sharded else ""
+        lines.append(f"advice      add data-parallel ranks (--nodes / --gpus-per-node: more shards) or use parallel.engine=deepspeed_pipe{grads}")
+    if plan.over and plan.advice_interval:
         fits = plan.advice_total_gb <= c.gpu_mem_gb
         lines.append(
             f"advice      --activation-checkpoint-interval {plan.advice_interval} (parallel.activation_checkpoint_interval): "

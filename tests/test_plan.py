@@ -193,3 +193,40 @@ def test_fused_modes_cut_mgt_block_activations_at_the_200_layer_preset():
     }
     assert plans["preln"] < plans["recompute"] < plans["tail"] < plans["eager"]
     assert plans["recompute"] <= 1.15 * plans["preln"]  # issue 12's target
+
+
+def test_sharded_engines_plan_their_own_states(capsys):
+    """FSDP and ZeRO-2/3 keep other states per GPU than the pipeline's ZeRO-1 (state_layout),
+    one stage holds a tied matrix once, and activation checkpointing is planned only where an
+    engine does it."""
+    base = [*SMALL, "parallel.pipeline_stages=1", "train.grad_accum_steps=4", "parallel.activation_checkpoint_interval=2"]
+    cluster = Cluster(nodes=1, gpus_per_node=4, pipeline_stages=1, activation_checkpoint_interval=2)  # as main() reads the preset's
+    pipe = build_plan(load_config(None, base), cluster)
+    n, dp = pipe.total_params, 4
+    assert pipe.stages[0].params == n  # embedding and tied head on one stage: counted once
+    block = sum(p.numel() for p in Transformer(load_config(None, SMALL).model).layers["0"].parameters())
+    rows = {
+        "zero2": (["parallel.engine=deepspeed_zero", "parallel.zero_stage=2"], n * 2 + 0, n * 6 / dp, n * 12 / dp),
+        "zero3": (["parallel.engine=deepspeed_zero", "parallel.zero_stage=3"], n * 2 / dp + 2 * block * 2, n * 6 / dp, n * 12 / dp),
+        # 4 micro-batches accumulate unsharded fp32 gradients by default
+        "fsdp": (["parallel.engine=fsdp", "parallel.zero_stage=0"], n * 4 / dp + 2 * block * 2, n * 4, n * 8 / dp),
+        "fsdp_rs": (["parallel.engine=fsdp", "parallel.zero_stage=0", "parallel.fsdp_reduce_every_micro_batch=true"], n * 4 / dp + 2 * block * 2, n * 4 / dp, n * 8 / dp),
+        "fsdp_keep": (["parallel.engine=fsdp", "parallel.zero_stage=0", "parallel.fsdp_reshard_after_forward=false"], n * 4 / dp + cfg_layers(base) * block * 2, n * 4, n * 8 / dp),
+    }
+    for name, (extra, weights, grads, optim) in rows.items():
+        plan = build_plan(load_config(None, [*base, "train.precision=bf16", *extra]), cluster)
+        st = plan.stages[0]
+        assert (st.weights_gb, st.grads_gb, st.optimizer_gb) == pytest.approx((weights / 1e9, grads / 1e9, optim / 1e9)), name
+        assert plan.fits and plan.notes == [f"parallel.engine={plan.layout.engine.split()[0]} does not checkpoint activations (only deepspeed_pipe does): planned without"], name
+        unchecked = build_plan(load_config(None, [*base, "train.precision=bf16"]), Cluster(nodes=1, gpus_per_node=4, pipeline_stages=1))
+        assert st.activations_gb == pytest.approx(unchecked.stages[0].activations_gb), name
+        assert st.activations_gb > pipe.stages[0].activations_gb, name  # the pipeline checkpoints, these do not
+    assert pipe.cluster.activation_checkpoint_interval == 2 and not pipe.notes
+    # the 200-layer model on FSDP over 16 GPUs: no activation checkpointing, so no fit; the advice says what would help
+    assert main([str(PRESET), "parallel.engine=fsdp", "parallel.pipeline_stages=1", "parallel.zero_stage=0", "parallel.deepspeed_config=", "--nodes", "2", "--gpus-per-node", "8", "--pp", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "states      fsdp (FSDP2), B/parameter per GPU: weights 4 / dp 16, grads 4 whole" in out and "fsdp_reduce_every_micro_batch=true shards the gradients" in out
+
+
+def cfg_layers(overrides: list[str]) -> int:
+    return load_config(None, overrides).model.n_layers
