@@ -151,7 +151,7 @@ class ParallelConfig:
     pipeline_stages: int = 1  # deepspeed_pipe: stages; data parallel = world_size / stages
     zero_stage: int = 1  # deepspeed_pipe: 1; deepspeed_zero: 1, 2 or 3
     deepspeed_config: str = ""  # JSON with DeepSpeed-only options (ZeRO buckets, bf16 extras)
-    activation_checkpoint_interval: int = 0  # deepspeed_pipe: recompute every N layers; 0 = off
+    activation_checkpoint_interval: int = 0  # recompute in backward: deepspeed_pipe groups of N blocks; the other engines every block (1); 0 = off
     partition_method: str = "balanced"  # deepspeed_pipe: balanced (cost model) | parameters | uniform
     embed_cost: float = 1.0  # balanced: cost of the embedding stage item, in blocks (Megatron counts it as one layer)
     fsdp_reshard_after_forward: bool = True  # fsdp: free gathered params after forward (ZeRO-3-like)
@@ -384,6 +384,11 @@ def validate_parallel(cfg: Config) -> None:
         raise ConfigError("parallel.engine=deepspeed_zero needs parallel.zero_stage 1, 2 or 3")
     if p.activation_checkpoint_interval < 0:
         raise ConfigError(f"parallel.activation_checkpoint_interval={p.activation_checkpoint_interval} must be >= 0")
+    if p.activation_checkpoint_interval > 1 and p.engine != "deepspeed_pipe":
+        raise ConfigError(
+            f"parallel.activation_checkpoint_interval={p.activation_checkpoint_interval} with parallel.engine={p.engine}: only "
+            "deepspeed_pipe checkpoints groups of blocks; the other engines checkpoint every block (1) or none (0)"
+        )
     if p.partition_method not in PARTITION_METHODS:
         raise ConfigError(f"parallel.partition_method: '{p.partition_method}' is not one of {list(PARTITION_METHODS)}{_nearest(p.partition_method, PARTITION_METHODS)}")
     if p.embed_cost < 0:

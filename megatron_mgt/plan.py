@@ -40,7 +40,8 @@ one prefetched); FSDP2 keeps fp32 weight shards (its own master copy) with AdamW
 (8 B), gathers two blocks in the compute dtype (every block with
 `fsdp_reshard_after_forward=false`), and its gradients are sharded fp32 unless several
 micro-batches accumulate unsharded (fp32, every parameter: the default
-`fsdp_reduce_every_micro_batch=false`). Other engines are planned as the pipeline.
+`fsdp_reduce_every_micro_batch=false`). They checkpoint single blocks (interval 1) or none.
+Other engines are planned as the pipeline.
 """
 
 from __future__ import annotations
@@ -319,14 +320,15 @@ def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
         return Stage(s, items, n_s, weights / GB, grads / GB, optim / GB, in_flight, act / GB, total_gb, total_gb <= cluster.gpu_mem_gb)
 
     pipelined, notes = cfg.parallel.engine not in ("fsdp", "deepspeed_zero"), []
-    if not pipelined and cluster.activation_checkpoint_interval:
-        cluster = replace(cluster, activation_checkpoint_interval=0)  # what the engine does
-        notes.append(f"parallel.engine={cfg.parallel.engine} does not checkpoint activations (only deepspeed_pipe does): planned without")
+    if not pipelined and cluster.activation_checkpoint_interval > 1:
+        cluster = replace(cluster, activation_checkpoint_interval=1)  # what the engine does
+        notes.append(f"parallel.engine={cfg.parallel.engine} checkpoints every block or none (engine/single.checkpoint_blocks): planned with interval 1")
     stages = [stage(s, cluster.activation_checkpoint_interval) for s in range(p)]
     over = [st.index for st in stages if not st.fits]
     advice, advice_gb = 0, 0.0
-    if over and pipelined:
-        advice_gb, advice = min((max(stage(s, k).total_gb for s in range(p)), k) for k in range(1, max(pt[2] for pt in parts) + 1))
+    if over:  # the pipeline groups k blocks, the other engines checkpoint single blocks
+        intervals = range(1, max(pt[2] for pt in parts) + 1) if pipelined else [1]
+        advice_gb, advice = min((max(stage(s, k).total_gb for s in range(p)), k) for k in intervals)
     ckpt = total * (layout.weight_bytes + layout.optimizer_bytes)
     return Plan(
         preset=preset,
@@ -418,16 +420,15 @@ def format_plan(plan: Plan) -> str:
     if plan.over:
         over = ", ".join(f"{s.index} ({s.total_gb:.1f} GB)" for s in plan.stages if not s.fits)
         lines.append(f"over        stage(s) above {c.gpu_mem_gb:g} GB: {over}")
-    if plan.over and not plan.advice_interval:
-        grads = "; parallel.fsdp_reduce_every_micro_batch=true shards the gradients" if plan.layout.engine.startswith("fsdp") and not plan.layout.grads_sharded else ""
-        lines.append(f"advice      add data-parallel ranks (--nodes / --gpus-per-node: more shards) or use parallel.engine=deepspeed_pipe{grads}")
-    if plan.over and plan.advice_interval:
+    if plan.over:
         fits = plan.advice_total_gb <= c.gpu_mem_gb
         lines.append(
             f"advice      --activation-checkpoint-interval {plan.advice_interval} (parallel.activation_checkpoint_interval): "
             f"fullest stage {plan.advice_total_gb:.1f} GB, {'fits' if fits else 'still does not fit'}"
             + ("" if fits else "; add pipeline stages or data-parallel replicas (optimizer shards)")
         )
+        if plan.layout.engine.startswith("fsdp") and not plan.layout.grads_sharded:
+            lines.append("advice      parallel.fsdp_reduce_every_micro_batch=true shards the gradients (now whole on every GPU)")
     return "\n".join(lines)
 
 

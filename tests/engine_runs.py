@@ -68,13 +68,16 @@ VARIANT_MODEL = {"model.tie_embeddings": False, "model.final_norm": False, "mode
 ENGINES["single_variant"] = {**ENGINES["single"], **VARIANT_MODEL}
 ENGINES["zero3_variant"] = {**ENGINES["zero3"], **VARIANT_MODEL}
 ENGINES["fsdp_variant"] = {**ENGINES["fsdp"], **VARIANT_MODEL}
+# activation checkpointing of every block (engine/single.checkpoint_blocks) outside the pipeline
+for _engine in ("single", "fsdp", "zero3"):
+    ENGINES[f"{_engine}_ac"] = {**ENGINES[_engine], "parallel.activation_checkpoint_interval": 1}
 # FSDP2 reduce-scattering after every micro-batch (sharded gradient accumulation)
 ENGINES["fsdp_rs_micro"] = {**ENGINES["fsdp"], "parallel.fsdp_reduce_every_micro_batch": True}
 # model.compile under the data-parallel engines (blocks compiled before fully_shard / deepspeed.initialize)
 ENGINES["fsdp_compiled"] = {**ENGINES["fsdp"], "model.compile": True}
 ENGINES["zero2_compiled"] = {**ENGINES["zero2"], "model.compile": True}
 # engine -> the one-process (eager) run it must match
-REFERENCE = {"pipe": "single", "pipe_dp2": "single", "fsdp_rs_micro": "single", "fsdp": "single", "zero2": "single", "zero3": "single", "zero3_variant": "single_variant", "fsdp_variant": "single_variant", "pipe_ckpt": "single_untied",
+REFERENCE = {"pipe": "single", "pipe_dp2": "single", "fsdp_rs_micro": "single", "fsdp": "single", "zero2": "single", "zero3": "single", "zero3_variant": "single_variant", "single_ac": "single", "fsdp_ac": "single", "zero3_ac": "single", "fsdp_variant": "single_variant", "pipe_ckpt": "single_untied",
              "fsdp_compiled": "single", "zero2_compiled": "single"}
 COMMON = {
     "train.max_steps": STEPS,

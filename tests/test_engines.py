@@ -192,3 +192,30 @@ def test_sharded_builds_never_hold_the_whole_model():
         assert min(r["partitioned_kib"], r["fsdp_kib"]) * 1024 >= 0.85 * r["shard_bytes"], r  # the shards themselves are seen
         assert r["whole_kib"] * 1024 >= 0.85 * r["full_bytes"], r  # the measure sees a whole model where one is built
         assert r["param_dtypes"] == ["torch.bfloat16"] and r["alpha_dtypes"] == ["torch.float32"] and r["alpha_values"] == [torch.tensor(0.1).item()], r  # fp32 0.1, not bf16 0.10009765625
+
+
+def test_checkpoint_blocks_keeps_block_inputs_and_the_same_gradients():
+    """parallel.activation_checkpoint_interval=1 outside the pipeline: every block saves only
+    its input for backward (autograd's saved tensors, plan.saved_tensor_bytes), recomputes in
+    backward, and the gradients are the eager ones; names and state dict are unchanged."""
+    from megatron_mgt.engine.single import checkpoint_blocks
+    from megatron_mgt.model import lm_loss
+    from megatron_mgt.plan import saved_tensor_bytes
+
+    cfg = load_config(None, ["model.n_layers=4", "model.d_model=32", "model.n_heads=2", "model.vocab_size=64"]).model
+    tokens = torch.randint(0, 64, (2, 17), generator=torch.Generator().manual_seed(0))
+    grads, saved = {}, {}
+    for interval in (0, 1):
+        torch.manual_seed(3)
+        model = Transformer(cfg)
+        keys = list(model.state_dict())
+        checkpoint_blocks(model, interval)
+        assert list(model.state_dict()) == keys
+        losses = []
+        saved[interval] = saved_tensor_bytes(lambda m=model, out=losses: out.append(lm_loss(m(tokens[:, :-1]), tokens[:, 1:])))
+        losses[0].backward()
+        grads[interval] = {k: p.grad.clone() for k, p in model.named_parameters()}
+    for k, g in grads[0].items():
+        torch.testing.assert_close(grads[1][k], g, rtol=0, atol=1e-6)
+    stream = 2 * 16 * cfg.d_model * 4  # one block's input, fp32
+    assert saved[1] < saved[0] / 3 and saved[0] - saved[1] > cfg.n_layers * 4 * stream

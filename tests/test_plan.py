@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -199,7 +200,7 @@ def test_sharded_engines_plan_their_own_states(capsys):
     """FSDP and ZeRO-2/3 keep other states per GPU than the pipeline's ZeRO-1 (state_layout),
     one stage holds a tied matrix once, and activation checkpointing is planned only where an
     engine does it."""
-    base = [*SMALL, "parallel.pipeline_stages=1", "train.grad_accum_steps=4", "parallel.activation_checkpoint_interval=2"]
+    base = [*SMALL, "parallel.pipeline_stages=1", "train.grad_accum_steps=4"]
     cluster = Cluster(nodes=1, gpus_per_node=4, pipeline_stages=1, activation_checkpoint_interval=2)  # as main() reads the preset's
     pipe = build_plan(load_config(None, base), cluster)
     n, dp = pipe.total_params, 4
@@ -217,15 +218,17 @@ def test_sharded_engines_plan_their_own_states(capsys):
         plan = build_plan(load_config(None, [*base, "train.precision=bf16", *extra]), cluster)
         st = plan.stages[0]
         assert (st.weights_gb, st.grads_gb, st.optimizer_gb) == pytest.approx((weights / 1e9, grads / 1e9, optim / 1e9)), name
-        assert plan.fits and plan.notes == [f"parallel.engine={plan.layout.engine.split()[0]} does not checkpoint activations (only deepspeed_pipe does): planned without"], name
-        unchecked = build_plan(load_config(None, [*base, "train.precision=bf16"]), Cluster(nodes=1, gpus_per_node=4, pipeline_stages=1))
-        assert st.activations_gb == pytest.approx(unchecked.stages[0].activations_gb), name
-        assert st.activations_gb > pipe.stages[0].activations_gb, name  # the pipeline checkpoints, these do not
+        assert plan.fits and plan.notes == [f"parallel.engine={plan.layout.engine.split()[0]} checkpoints every block or none (engine/single.checkpoint_blocks): planned with interval 1"], name
+        every_block = build_plan(load_config(None, [*base, "train.precision=bf16"]), replace(cluster, activation_checkpoint_interval=1))
+        assert st.activations_gb == pytest.approx(every_block.stages[0].activations_gb), name
+        assert st.activations_gb < pipe.stages[0].activations_gb, name  # one block's inputs each, where the pipeline keeps every other
     assert pipe.cluster.activation_checkpoint_interval == 2 and not pipe.notes
-    # the 200-layer model on FSDP over 16 GPUs: no activation checkpointing, so no fit; the advice says what would help
-    assert main([str(PRESET), "parallel.engine=fsdp", "parallel.pipeline_stages=1", "parallel.zero_stage=0", "parallel.deepspeed_config=", "--nodes", "2", "--gpus-per-node", "8", "--pp", "1"]) == 1
+    # the 200-layer model on FSDP over 16 GPUs without checkpointing: no fit; the advice says what would help
+    fsdp_200 = [str(PRESET), "parallel.engine=fsdp", "parallel.pipeline_stages=1", "parallel.activation_checkpoint_interval=0", "parallel.zero_stage=0", "parallel.deepspeed_config=", "--nodes", "2", "--gpus-per-node", "8", "--pp", "1"]
+    assert main([*fsdp_200, "--activation-checkpoint-interval", "0"]) == 1
     out = capsys.readouterr().out
     assert "states      fsdp (FSDP2), B/parameter per GPU: weights 4 / dp 16, grads 4 whole" in out and "fsdp_reduce_every_micro_batch=true shards the gradients" in out
+    assert "advice      --activation-checkpoint-interval 1 (parallel.activation_checkpoint_interval)" in out
 
 
 def cfg_layers(overrides: list[str]) -> int:

@@ -37,7 +37,7 @@ from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult, checkp
 from megatron_mgt.engine.dist import all_mean, all_sum, dp_slice, init_distributed, shutdown, use_bf16, weighted_mean
 from megatron_mgt.engine.optim import build_optimizer, finish_step, set_schedule_step
 from megatron_mgt.engine.replay import holds_own_tensors, model_layer, replay_order, replayed_layers
-from megatron_mgt.engine.single import compile_blocks
+from megatron_mgt.engine.single import checkpoint_blocks, compile_blocks
 from megatron_mgt.model import Transformer, lm_loss
 
 DCP_DIR = "dcp"
@@ -88,6 +88,7 @@ class FSDPEngine(EngineBase):
         with torch.device("meta"):
             model = Transformer(cfg.model)
         compile_blocks(model, cfg.model)  # before fully_shard
+        checkpoint_blocks(model, cfg.parallel.activation_checkpoint_interval)
         reshard = cfg.parallel.fsdp_reshard_after_forward
         for block in model.layers.values():
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 
 from megatron_mgt.config import Config, ModelConfig
 from megatron_mgt.engine.base import Batch, EngineBase, Gate, StepResult, checkpoint_step
@@ -29,6 +30,24 @@ def compile_blocks(model: Transformer, cfg: ModelConfig) -> None:
             block.compile()
 
 
+def checkpoint_blocks(model: Transformer, interval: int) -> None:
+    """`parallel.activation_checkpoint_interval=1` for the engines without a pipeline: every
+    block keeps only its input for backward and recomputes its forward there
+    (torch.utils.checkpoint, non-reentrant), in place: parameter names and state dicts are
+    unchanged. Applied after `compile_blocks` (a compiled block traces the checkpointed
+    forward) and before parallel wrapping, whose hooks gather the weights for the recompute
+    as for the forward. (The pipeline checkpoints groups of `interval` blocks itself.)"""
+    if not interval:
+        return
+    for block in model.layers.values():
+        forward = block.forward
+
+        def checkpointed(x, *args, _forward=forward, **kwargs):
+            return torch.utils.checkpoint.checkpoint(_forward, x, *args, use_reentrant=False, **kwargs)
+
+        block.forward = checkpointed
+
+
 class SingleEngine(EngineBase):
     """Model + AdamW + warmup-cosine schedule on one device."""
 
@@ -39,6 +58,7 @@ class SingleEngine(EngineBase):
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(device)
         compile_blocks(self.model, cfg.model)
+        checkpoint_blocks(self.model, cfg.parallel.activation_checkpoint_interval)
         self.optimizer, self.scheduler = build_optimizer(self.model, cfg.train)
 
     @property

@@ -24,7 +24,7 @@ from megatron_mgt.engine.dist import all_mean, dist_timeout, dp_slice, init_dist
 from megatron_mgt.engine.ds_common import deepspeed_config, ds_load, ds_save, import_deepspeed, update_norm
 from megatron_mgt.engine.optim import build_optimizer
 from megatron_mgt.engine.replay import holds_own_tensors, model_layer, replay_order, replayed_layers
-from megatron_mgt.engine.single import compile_blocks
+from megatron_mgt.engine.single import checkpoint_blocks, compile_blocks
 from megatron_mgt.model import Transformer, lm_loss
 
 
@@ -76,6 +76,7 @@ class ZeroEngine(EngineBase):
         else:
             model = Transformer(cfg.model).to(self.device)
         compile_blocks(model, cfg.model)  # before deepspeed.initialize
+        checkpoint_blocks(model, cfg.parallel.activation_checkpoint_interval)
         optimizer, scheduler = build_optimizer(model, cfg.train)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.model = self.engine.module
