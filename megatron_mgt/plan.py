@@ -35,10 +35,13 @@ With tied embeddings, the first and the last stage each hold a copy of the tied 
 
 The data-parallel sharded engines (`parallel.engine` fsdp or deepspeed_zero; one "stage",
 no pipeline) keep other states per GPU (`state_layout`): ZeRO-2 shards the gradients too,
-ZeRO-3 the bf16 weights as well and gathers two blocks at a time (the one running and the
-one prefetched); FSDP2 keeps fp32 weight shards (its own master copy) with AdamW's m and v
+ZeRO-3 the bf16 weights as well and keeps gathered two blocks (the running and the
+prefetched one) plus what `stage3_max_reuse_distance` keeps (parameters reused within that
+many, 1e9 by default: the whole of a model under 1e9 parameters); the gradient partitions
+of ZeRO-2/3 are fp32 (4 B / dp), their bf16 buckets are left to the reserve; FSDP2 keeps fp32 weight shards (its own master copy) with AdamW's m and v
 (8 B), gathers two blocks in the compute dtype (every block with
-`fsdp_reshard_after_forward=false`), and its gradients are sharded fp32 unless several
+`fsdp_reshard_after_forward=false`; the root's embedding, norm and head stay gathered too,
+left to the reserve), and its gradients are sharded fp32 unless several
 micro-batches accumulate unsharded (fp32, every parameter: the default
 `fsdp_reduce_every_micro_batch=false`). They checkpoint single blocks (interval 1) or none.
 Other engines are planned as the pipeline.
@@ -57,6 +60,7 @@ from torch import nn
 
 from megatron_mgt.config import Config, ConfigError, load_config
 from megatron_mgt.engine.dist import bf16_enabled
+from megatron_mgt.engine.ds_common import deepspeed_config
 from megatron_mgt.engine.partition import layer_costs, partition_balanced
 from megatron_mgt.flops import matmul_params
 from megatron_mgt.model import Transformer, attention, lm_loss
@@ -64,6 +68,7 @@ from megatron_mgt.model import Transformer, attention, lm_loss
 GB = 1e9
 ADAM_STATE_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
 GRAD_ACCUM_BYTES = 4  # fp32 accumulation buffer
+ZERO3_REUSE_DISTANCE = 1e9  # DeepSpeed's default stage3_max_reuse_distance (parameters)
 
 
 @dataclass
@@ -107,9 +112,9 @@ def state_layout(cfg: Config, bf16: bool, micro_batches: int) -> StateLayout:
         sharded_grads = par.fsdp_reduce_every_micro_batch or micro_batches == 1
         gathered = 2 if par.fsdp_reshard_after_forward else cfg.model.n_layers
         return StateLayout("fsdp (FSDP2)", 4, True, 4, sharded_grads, ADAM_STATE_BYTES - 4, gathered)
-    if par.engine == "deepspeed_zero":
+    if par.engine == "deepspeed_zero":  # stage >= 2: one fp32 gradient partition (grad_accum_dtype fp32); the bf16 buckets are in the reserve
         stage = par.zero_stage
-        return StateLayout(f"deepspeed_zero (ZeRO-{stage})", wbytes, stage == 3, grad, stage >= 2, ADAM_STATE_BYTES, 2 if stage == 3 else 0)
+        return StateLayout(f"deepspeed_zero (ZeRO-{stage})", wbytes, stage == 3, GRAD_ACCUM_BYTES if stage >= 2 else grad, stage >= 2, ADAM_STATE_BYTES, 2 if stage == 3 else 0)
     return StateLayout("pipeline (ZeRO-1)", wbytes, False, grad, False, ADAM_STATE_BYTES, 0)
 
 
@@ -300,9 +305,13 @@ def build_plan(cfg: Config, cluster: Cluster, preset: str = "") -> Plan:
     layer_input = mbs * seq * stream_width * torch.empty(0, dtype=dtype).element_size()
 
     layout = state_layout(cfg, bf16, micro)
-    if layout.gathered_blocks and p > 1:
+    if cfg.parallel.engine in ("fsdp", "deepspeed_zero") and p > 1:
         problems.append(f"parallel.engine={cfg.parallel.engine} has no pipeline: plan it with --pp 1")
-    gathered = layout.gathered_blocks * max(counts[1 : m_cfg.n_layers + 1], default=0) * wbytes
+    gathered_params = layout.gathered_blocks * max(counts[1 : m_cfg.n_layers + 1], default=0)
+    if cfg.parallel.engine == "deepspeed_zero" and cfg.parallel.zero_stage == 3:  # a parameter reused within this many stays gathered
+        reuse = deepspeed_config(cfg, dp, bf16)["zero_optimization"].get("stage3_max_reuse_distance", ZERO3_REUSE_DISTANCE)
+        gathered_params = min(total, gathered_params + int(reuse))
+    gathered = gathered_params * wbytes
     parts = []  # per stage: items, parameters, blocks, micro-batches in flight (1F1B: p - s), head activations
     for s in range(p):
         items = names[bounds[s] : bounds[s + 1]]

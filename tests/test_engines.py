@@ -217,5 +217,11 @@ def test_checkpoint_blocks_keeps_block_inputs_and_the_same_gradients():
         grads[interval] = {k: p.grad.clone() for k, p in model.named_parameters()}
     for k, g in grads[0].items():
         torch.testing.assert_close(grads[1][k], g, rtol=0, atol=1e-6)
+    import copy
+
+    copied = copy.deepcopy(model)  # the checkpointed forward is bound to its own block
+    for p in copied.parameters():
+        p.data.zero_()
+    assert not torch.equal(copied(tokens), model(tokens))
     stream = 2 * 16 * cfg.d_model * 4  # one block's input, fp32
     assert saved[1] < saved[0] / 3 and saved[0] - saved[1] > cfg.n_layers * 4 * stream

@@ -196,7 +196,7 @@ def test_fused_modes_cut_mgt_block_activations_at_the_200_layer_preset():
     assert plans["recompute"] <= 1.15 * plans["preln"]  # issue 12's target
 
 
-def test_sharded_engines_plan_their_own_states(capsys):
+def test_sharded_engines_plan_their_own_states(capsys, tmp_path):
     """FSDP and ZeRO-2/3 keep other states per GPU than the pipeline's ZeRO-1 (state_layout),
     one stage holds a tied matrix once, and activation checkpointing is planned only where an
     engine does it."""
@@ -206,9 +206,13 @@ def test_sharded_engines_plan_their_own_states(capsys):
     n, dp = pipe.total_params, 4
     assert pipe.stages[0].params == n  # embedding and tied head on one stage: counted once
     block = sum(p.numel() for p in Transformer(load_config(None, SMALL).model).layers["0"].parameters())
+    reuse_json = tmp_path / "zero3_reuse.json"
+    reuse_json.write_text('{"zero_optimization": {"stage3_max_reuse_distance": 1000}}')
     rows = {
-        "zero2": (["parallel.engine=deepspeed_zero", "parallel.zero_stage=2"], n * 2 + 0, n * 6 / dp, n * 12 / dp),
-        "zero3": (["parallel.engine=deepspeed_zero", "parallel.zero_stage=3"], n * 2 / dp + 2 * block * 2, n * 6 / dp, n * 12 / dp),
+        "zero2": (["parallel.engine=deepspeed_zero", "parallel.zero_stage=2"], n * 2, n * 4 / dp, n * 12 / dp),
+        # stage3_max_reuse_distance (1e9 parameters by default) keeps a model this small gathered whole
+        "zero3": (["parallel.engine=deepspeed_zero", "parallel.zero_stage=3"], n * 2 / dp + n * 2, n * 4 / dp, n * 12 / dp),
+        "zero3_reuse": (["parallel.engine=deepspeed_zero", "parallel.zero_stage=3", "parallel.deepspeed_config=" + str(reuse_json)], n * 2 / dp + (2 * block + 1000) * 2, n * 4 / dp, n * 12 / dp),
         # 4 micro-batches accumulate unsharded fp32 gradients by default
         "fsdp": (["parallel.engine=fsdp", "parallel.zero_stage=0"], n * 4 / dp + 2 * block * 2, n * 4, n * 8 / dp),
         "fsdp_rs": (["parallel.engine=fsdp", "parallel.zero_stage=0", "parallel.fsdp_reduce_every_micro_batch=true"], n * 4 / dp + 2 * block * 2, n * 4 / dp, n * 8 / dp),

@@ -12,8 +12,8 @@ Gradients accumulate in fp32 (`data_types.grad_accum_dtype`): with bf16 weights 
 otherwise sums the micro-batch gradients in bf16 (8 mantissa bits over 64 micro-batches).
 DeepSpeed 0.19.8 (`engine._do_optimizer_sanity_check`) then wraps ZeRO-1 in its
 BF16_Optimizer (an fp32 gradient buffer per parameter, fp32 master weights partitioned over
-dp: the pipeline's optimizer) and gives ZeRO-2 a separate fp32 accumulator; ZeRO-3 does not
-read the key. With fp32 weights the key equals the model dtype and changes nothing.
+dp: the pipeline's optimizer) and gives ZeRO-2 a separate fp32 accumulator; ZeRO-3 gets it
+as its gradient_accumulation_dtype (an fp32 gradient partition). With fp32 weights the key equals the model dtype and changes nothing.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ weights-only checkpoint)."""
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import torch
@@ -40,12 +41,12 @@ def checkpoint_blocks(model: Transformer, interval: int) -> None:
     if not interval:
         return
     for block in model.layers.values():
-        forward = block.forward
+        block.forward = types.MethodType(_checkpointed_forward, block)  # bound: a deepcopy runs its own block
 
-        def checkpointed(x, *args, _forward=forward, **kwargs):
-            return torch.utils.checkpoint.checkpoint(_forward, x, *args, use_reentrant=False, **kwargs)
 
-        block.forward = checkpointed
+def _checkpointed_forward(block: torch.nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The block's own forward under non-reentrant activation checkpointing."""
+    return torch.utils.checkpoint.checkpoint(type(block).forward, block, x, *args, use_reentrant=False, **kwargs)
 
 
 class SingleEngine(EngineBase):
