@@ -1,6 +1,6 @@
 """Run by tests/test_engines.py under torchrun (2 processes, gloo): the host memory a rank
 gains while ZeRO-3 (`partitioned_model`) and FSDP (`FSDPEngine`) build and initialise the
-model, against the same rank building the whole `Transformer`. Prints one JSON line per rank. Run it with
+model, against the same rank building the whole `Transformer`. Writes $PROBE_OUT/rank{N}.json. Run it with
 MALLOC_MMAP_THRESHOLD_ set low: glibc then maps each large tensor on its own and unmaps it
 when freed, so resident memory is the live memory, not the heap holes that the full-size
 tensors zero.Init allocates and partitions leave behind (those are reused, never live at
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import re
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -61,7 +63,7 @@ def main() -> None:
     alphas = [b for name, b in bf16_model.named_buffers() if name.endswith("alpha")]
     report = {"rank": dist.get_rank(), "partitioned_kib": partitioned, "fsdp_kib": fsdp_kib, "whole_kib": whole, "full_bytes": full_bytes, "shard_bytes": shard_bytes, "block_bytes": block_bytes}
     report.update(param_dtypes=sorted({str(p.dtype) for p in bf16_model.parameters()}), alpha_dtypes=sorted({str(b.dtype) for b in alphas}), alpha_values=sorted({b.item() for b in alphas}))
-    print(json.dumps(report), flush=True)
+    Path(os.environ["PROBE_OUT"], f"rank{dist.get_rank()}.json").write_text(json.dumps(report))  # not stdout: the ranks' lines interleave
     dist.destroy_process_group()
 
 

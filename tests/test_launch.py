@@ -49,7 +49,7 @@ def train_steps(run: Path) -> list[tuple[int, float]]:
 @pytest.mark.parametrize(
     ("script", "engine"),
     [
-        ("launch/torchrun.sh", ["parallel.engine=fsdp", "parallel.pipeline_stages=1"]),
+        ("launch/torchrun.sh", ["parallel.engine=fsdp", "parallel.pipeline_stages=1", "parallel.activation_checkpoint_interval=1"]),
         ("launch/deepspeed.sh", ["parallel.engine=deepspeed_pipe", "parallel.pipeline_stages=2"]),
     ],
     ids=["torchrun-fsdp", "deepspeed-pipe"],
